@@ -1,0 +1,3 @@
+"""vfsd: a multi-process virtio-fs host daemon."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Supervisor <-> worker IPC: shared-memory rings, control channel, fh ownership."""

@@ -1,0 +1,1 @@
+"""Worker processes: each serves FUSE requests from its ring against the export."""
