@@ -1,0 +1,583 @@
+"""The supervisor: vhost-user device, hiprio queue, request routing and the poll loop.
+
+One loop (epoll) waits on the vhost-user socket, the kick eventfds, the completion doorbell,
+the signal pipe and the workers' sentinels. Each turn: handle what woke it, move completions
+to the used rings, reap dead workers. Request queues are drained in one go per kick; each
+chain is routed by its fuse_in_header (and fh) to a worker ring, once-per-batch doorbells.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import signal
+import socket
+import struct
+import time
+
+from vfsd.config import Settings
+from vfsd.dispatch import control
+from vfsd.dispatch.fh import fh_owner
+from vfsd.dispatch.ring import RingFull, pack_request, unpack_completion
+from vfsd.fs.inode_table import InodeTable
+from vfsd.fuse import abi
+from vfsd.fuse.init import negotiate
+from vfsd.fuse.options import FsOptions
+from vfsd.pool import HaltServer, WorkerPool, WorkerSlot
+from vfsd.transport.backend import VhostUserBackend
+from vfsd.transport.connection import PeerClosed, recv_message, send_message
+from vfsd.transport.memory import GuestMemory
+from vfsd.transport.virtqueue import GuestProtocolError, Vring, peek_chain, read_chain
+
+log = logging.getLogger("vfsd.supervisor")
+
+HIPRIO = 0
+ROUTE_BYTES = 48  # fuse_in_header + the first u64 of the body (the fh of fh-carrying ops)
+_IN_PREFIX = struct.Struct("<IIQQ")  # len, opcode, unique, nodeid
+_FH = struct.Struct("<Q")
+_FORGET = struct.Struct("<Q")
+_BATCH = struct.Struct("<II")
+_FORGET_ONE = struct.Struct("<QQ")
+_OUT_HEADER = struct.Struct("<IiQ")
+MAX_BATCH_FORGET = 1 << 16
+QUIESCE_TIMEOUT = 30.0
+
+_SUPERVISOR_OPS = {abi.Opcode.INIT, abi.Opcode.DESTROY, abi.Opcode.FORGET,
+                   abi.Opcode.BATCH_FORGET, abi.Opcode.INTERRUPT}
+
+
+class StartupError(Exception):
+    """A start-up problem reported as one line with a non-zero exit code."""
+
+
+def fs_options(settings: Settings) -> FsOptions:
+    assert settings.shared_dir is not None
+    return FsOptions(
+        shared_dir=settings.shared_dir,
+        cache=settings.cache,
+        xattr=settings.xattr,
+        readonly=settings.readonly,
+        allow_devices=settings.allow_devices,
+        writeback=settings.writeback,
+        readdirplus=settings.readdirplus,
+    )
+
+
+def write_reply(writable: list[memoryview], data: bytes) -> int:
+    """Copy `data` into the chain's writable part; returns bytes written."""
+    pos = 0
+    for view in writable:
+        if pos >= len(data):
+            break
+        n = min(len(view), len(data) - pos)
+        view[:n] = data[pos : pos + n]
+        pos += n
+    return pos
+
+
+def listen(settings: Settings) -> socket.socket:
+    if settings.socket_fd is not None:
+        sock = socket.socket(fileno=settings.socket_fd)
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            raise StartupError(f"--fd {settings.socket_fd} is not a Unix stream socket")
+        return sock
+    path = settings.socket_path
+    if not path:
+        raise StartupError("no vhost-user socket: give --socket-path PATH or --fd FD")
+    if os.path.exists(path):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # stale socket file from a previous run
+        else:
+            raise StartupError(f"socket path {path} is in use by another process")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+    except OSError as e:
+        raise StartupError(f"cannot listen on {path}: {e.strerror}") from e
+    sock.listen(1)
+    return sock
+
+
+class Supervisor:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.options = fs_options(settings)
+        self.listener: socket.socket | None = None
+        self.conn: socket.socket | None = None
+        self.epoll = select.epoll()
+        self.completion_doorbell = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.table: InodeTable | None = None
+        self.pool: WorkerPool | None = None
+        self.backend: VhostUserBackend | None = None
+        self.mem: GuestMemory | None = None
+        self.kick_fds: dict[int, Vring] = {}  # kick fd -> ring
+        self.sentinels: dict[int, WorkerSlot] = {}
+        self.session: dict | None = None
+        self.rr = 0
+        self.running = True
+        self.exit_code = 0
+        self._signal_r, self._signal_w = socket.socketpair()
+
+    # setup
+    def start(self) -> None:
+        shared = self.settings.shared_dir
+        if not shared or not os.path.isdir(shared):
+            raise StartupError(f"shared directory {shared!r} does not exist or is not a directory")
+        self.listener = listen(self.settings)
+        self.table = InodeTable.create(self.settings.inode_capacity)
+        self.pool = WorkerPool(self.settings.worker_count, self.table, self.options,
+                               self.completion_doorbell)
+        self.pool.close_in_child = self._supervisor_fds
+        self.pool.spawn_all()
+        for slot in self.pool.slots:
+            self._watch(slot)
+        self._signal_w.setblocking(False)
+        signal.set_wakeup_fd(self._signal_w.fileno())
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, lambda *_: None)  # the wakeup fd carries the number
+        self.epoll.register(self._signal_r.fileno(), select.EPOLLIN)
+        self.epoll.register(self.completion_doorbell, select.EPOLLIN)
+        self.epoll.register(self.listener.fileno(), select.EPOLLIN)
+        socket_name = self.settings.socket_path or f"fd:{self.settings.socket_fd}"
+        log.info("vfsd ready", extra={"fields": {
+            "export": shared, "socket": socket_name, "workers": len(self.pool.slots),
+            "cache": self.settings.cache}})
+
+    def _supervisor_fds(self) -> tuple[int, ...]:
+        fds = [self.epoll.fileno(), self._signal_r.fileno(), self._signal_w.fileno()]
+        if self.listener is not None:
+            fds.append(self.listener.fileno())
+        if self.conn is not None:
+            fds.append(self.conn.fileno())
+        fds.extend(self.kick_fds)
+        assert self.pool is not None
+        for slot in self.pool.slots:
+            if slot.channel.control is not None:
+                fds.append(slot.channel.control.fileno())
+        return tuple(fds)
+
+    def _watch(self, slot: WorkerSlot) -> None:
+        sentinel = slot.sentinel
+        assert sentinel is not None
+        self.sentinels[sentinel] = slot
+        self.epoll.register(sentinel, select.EPOLLIN)
+
+    # the loop
+    def run(self) -> int:
+        try:
+            self.start()
+            while self.running:
+                self.turn()
+        except HaltServer as e:
+            log.error("halting: %s", e)
+            self.exit_code = 2
+        finally:
+            self.shutdown()
+        return self.exit_code
+
+    def turn(self) -> None:
+        assert self.pool is not None
+        timeout = 1.0 if self._prepare_sleep() else 0.0
+        events = self.epoll.poll(timeout)
+        self._cancel_sleep()
+        for fd, _mask in events:
+            if fd == self.completion_doorbell:
+                try:
+                    os.eventfd_read(fd)
+                except BlockingIOError:
+                    pass
+            elif fd in self.kick_fds:
+                vring = self.kick_fds[fd]
+                try:
+                    os.eventfd_read(fd)
+                except BlockingIOError:
+                    pass
+                self.process_queue(vring)
+            elif self.conn is not None and fd == self.conn.fileno():
+                self.handle_vhost_message()
+            elif self.listener is not None and fd == self.listener.fileno():
+                self.accept()
+            elif fd == self._signal_r.fileno():
+                self.handle_signals()
+            elif fd in self.sentinels:
+                self.handle_worker_exit(self.sentinels[fd])
+            if not self.running:
+                return
+        self.drain_completions()
+
+    def _prepare_sleep(self) -> bool:
+        assert self.pool is not None
+        ready = True
+        for slot in self.pool.slots:
+            if not slot.channel.completions.prepare_sleep():
+                ready = False
+        return ready
+
+    def _cancel_sleep(self) -> None:
+        assert self.pool is not None
+        for slot in self.pool.slots:
+            slot.channel.completions.cancel_sleep()
+
+    # vhost-user connection
+    def accept(self) -> None:
+        assert self.listener is not None
+        conn, _ = self.listener.accept()
+        self.epoll.unregister(self.listener.fileno())
+        self.listener.close()
+        self.listener = None
+        if self.settings.socket_path:
+            try:
+                os.unlink(self.settings.socket_path)
+            except FileNotFoundError:
+                pass
+        self.conn = conn
+        self.backend = VhostUserBackend(self, num_queues=1 + self.settings.num_queues)
+        self.epoll.register(conn.fileno(), select.EPOLLIN)
+        log.info("front-end connected")
+
+    def handle_vhost_message(self) -> None:
+        assert self.conn is not None and self.backend is not None
+        try:
+            message = recv_message(self.conn)
+        except PeerClosed:
+            log.info("front-end disconnected; exiting")
+            self.running = False
+            return
+        except GuestProtocolError as e:
+            log.error("malformed vhost-user message: %s", e)
+            return
+        reply = self.backend.handle(message)
+        if reply is not None:
+            send_message(self.conn, reply)
+
+    # VirtioFsDevice protocol (called by the backend)
+    def memory_changed(self, mem: GuestMemory) -> None:
+        self.mem = mem
+        for slot in self.pool.live() if self.pool else ():
+            self._send_memory(slot)
+
+    def _send_memory(self, slot: WorkerSlot) -> None:
+        assert self.mem is not None
+        regions = self.mem.regions()
+        slot.channel.send({"kind": control.MEMORY,
+                           "regions": [[r.guest_phys_addr, r.memory_size, r.userspace_addr,
+                                        r.mmap_offset] for r, _fd in regions]},
+                          [fd for _r, fd in regions])
+
+    def _send_vring(self, slot: WorkerSlot, vring: Vring) -> None:
+        slot.channel.send({"kind": control.VRING, "queue": vring.index,
+                           "desc_gpa": vring.desc_gpa, "size": vring.size})
+
+    def queue_started(self, vring: Vring) -> None:
+        if vring.kick_fd is not None and vring.kick_fd not in self.kick_fds:
+            self.kick_fds[vring.kick_fd] = vring
+            self.epoll.register(vring.kick_fd, select.EPOLLIN)
+        if vring.index != HIPRIO and self.pool is not None:
+            for slot in self.pool.live():
+                self._send_vring(slot, vring)
+
+    def queue_enabled(self, vring: Vring, enabled: bool) -> None:
+        if enabled and vring.started:
+            self.process_queue(vring)
+
+    def queue_stopping(self, vring: Vring) -> None:
+        """GET_VRING_BASE: complete every in-flight request of this ring before the reply."""
+        self.quiesce(lambda key: key >> 16 == vring.index)
+        for fd, ring in list(self.kick_fds.items()):
+            if ring is vring:
+                self.epoll.unregister(fd)
+                del self.kick_fds[fd]
+
+    def kick_fd_changed(self, vring: Vring, old_fd: int | None) -> None:
+        if old_fd is not None and old_fd in self.kick_fds:
+            self.epoll.unregister(old_fd)
+            del self.kick_fds[old_fd]
+
+    def call_fd_changed(self, vring: Vring) -> None:
+        """The ring object keeps the newest call fd; nothing else holds it."""
+
+    # request routing
+    def process_queue(self, vring: Vring) -> None:
+        if not (vring.started and vring.enabled) or self.mem is None:
+            return
+        try:
+            heads = vring.pop_avail()
+        except GuestProtocolError as e:
+            log.error("queue %d broken: %s", vring.index, e)
+            return
+        if vring.index == HIPRIO:
+            self.serve_hiprio(vring, heads)
+        else:
+            self.route(vring, heads)
+
+    def route(self, vring: Vring, heads: list[int]) -> None:
+        assert self.pool is not None and self.mem is not None
+        slots = self.pool.slots
+        batches: dict[int, list[int]] = {}
+        loads = [len(s.inflight) if s.process is not None else 1 << 30 for s in slots]
+        nslots = len(slots)
+        queue = vring.index
+        now = time.monotonic_ns()
+        for head in heads:
+            try:
+                prefix = peek_chain(self.mem, vring.desc_gpa, vring.size, head, ROUTE_BYTES)
+            except GuestProtocolError as e:
+                log.warning("dropping chain queue=%d head=%d: %s", queue, head, e)
+                self.complete_now(vring, head, 0)
+                continue
+            if len(prefix) < 40:
+                log.warning("dropping chain queue=%d head=%d: %d-byte request", queue, head,
+                            len(prefix))
+                self.complete_now(vring, head, 0)
+                continue
+            _len, opcode, unique, nodeid = _IN_PREFIX.unpack_from(prefix)
+            if opcode in _SUPERVISOR_OPS:
+                self._flush(batches, queue)
+                batches = {}
+                self.serve_here(vring, head, opcode, prefix)
+                continue
+            if opcode in abi.FH_OPCODES and len(prefix) >= ROUTE_BYTES:
+                owner = fh_owner(_FH.unpack_from(prefix, 40)[0])
+                if not (0 <= owner < nslots) or slots[owner].process is None:
+                    self.reply_error(vring, head, unique, errno.EBADF)
+                    continue
+            else:
+                # Least-loaded live worker; round-robin start so ties spread out.
+                start = self.rr = (self.rr + 1) % nslots
+                owner = start
+                best = loads[start]
+                for i in range(nslots):
+                    j = (start + i) % nslots
+                    if loads[j] < best:
+                        owner, best = j, loads[j]
+                if best >= 1 << 30:
+                    self.reply_error(vring, head, unique, errno.EIO)
+                    continue
+            loads[owner] += 1
+            slot = slots[owner]
+            slot.inflight[queue << 16 | head] = (opcode, nodeid, unique, now)
+            batches.setdefault(owner, []).append(pack_request(queue, head, slot.channel.epoch))
+        self._flush(batches, queue)
+
+    def _flush(self, batches: dict[int, list[int]], queue: int) -> None:
+        assert self.pool is not None
+        for owner, records in batches.items():
+            channel = self.pool.slots[owner].channel
+            try:
+                channel.requests.push(records)
+            except RingFull:  # cannot happen while ring capacity >= all queue sizes
+                log.error("worker %d ring full; failing %d requests", owner, len(records))
+                raise
+            channel.requests.wake_if_sleeping(channel.doorbell)
+
+    # requests the supervisor serves itself
+    def serve_here(self, vring: Vring, head: int, opcode: int, prefix: bytes) -> None:
+        if opcode in (abi.Opcode.FORGET, abi.Opcode.BATCH_FORGET):
+            self.serve_hiprio(vring, [head])
+        elif opcode == abi.Opcode.INTERRUPT:
+            self.complete_now(vring, head, 0)
+        elif opcode == abi.Opcode.INIT:
+            self.serve_init(vring, head)
+        elif opcode == abi.Opcode.DESTROY:
+            self.serve_destroy(vring, head, prefix)
+
+    def serve_hiprio(self, vring: Vring, heads: list[int]) -> None:
+        """FORGET / BATCH_FORGET: no reply; drop lookup counts in the shared table."""
+        assert self.mem is not None and self.table is not None
+        used = []
+        for head in heads:
+            try:
+                data = peek_chain(self.mem, vring.desc_gpa, vring.size, head, 48)
+                _len, opcode, _unique, nodeid = _IN_PREFIX.unpack_from(data)
+                if opcode == abi.Opcode.FORGET:
+                    self.table.forget(nodeid, _FORGET.unpack_from(data, 40)[0])
+                elif opcode == abi.Opcode.BATCH_FORGET:
+                    count = min(_BATCH.unpack_from(data, 40)[0], MAX_BATCH_FORGET)
+                    data = peek_chain(self.mem, vring.desc_gpa, vring.size, head,
+                                      48 + 16 * count)
+                    count = (len(data) - 48) // 16
+                    for i in range(count):
+                        self.table.forget(*_FORGET_ONE.unpack_from(data, 48 + 16 * i))
+                elif opcode == abi.Opcode.INTERRUPT:
+                    pass  # nothing to cancel yet: every request runs to completion
+                else:
+                    log.warning("unexpected opcode %d on hiprio queue", opcode)
+            except (GuestProtocolError, struct.error) as e:
+                log.warning("dropping hiprio chain head=%d: %s", head, e)
+            used.append((head, 0))
+        vring.push_used_batch(used)
+        if vring.needs_notification():
+            vring.notify()
+
+    def serve_init(self, vring: Vring, head: int) -> None:
+        assert self.mem is not None and self.pool is not None
+        self.quiesce(lambda key: True)
+        chain = read_chain(self.mem, vring.desc_gpa, vring.size, head)
+        request = b"".join(bytes(v) for v in chain.readable)[: 40 + abi.INIT_IN.size]
+        _len, _op, unique, _nodeid = _IN_PREFIX.unpack_from(request)
+        if self.session is not None:  # a new INIT ends the previous session
+            self._destroy_session()
+        try:
+            body, session = negotiate(request[40:], self.options)
+        except OSError as e:
+            self.reply_error(vring, head, unique, e.errno or errno.EPROTO)
+            return
+        self.session = session.to_dict()
+        for slot in self.pool.live():
+            slot.channel.send({"kind": control.SESSION, "session": self.session})
+        reply = _OUT_HEADER.pack(16 + len(body), 0, unique) + body
+        self.complete_now(vring, head, write_reply(chain.writable, reply))
+        log.info("FUSE session started", extra={"fields": {
+            "minor": session.minor, "max_write": session.max_write}})
+
+    def serve_destroy(self, vring: Vring, head: int, prefix: bytes) -> None:
+        self.quiesce(lambda key: True)
+        self._destroy_session()
+        unique = _IN_PREFIX.unpack_from(prefix)[2]
+        self.reply_error(vring, head, unique, 0)
+        log.info("FUSE session destroyed")
+
+    def _destroy_session(self) -> None:
+        assert self.pool is not None and self.table is not None
+        for slot in self.pool.live():
+            slot.channel.send({"kind": control.DESTROY})
+        self.table.clear()
+        self.session = None
+
+    def reply_error(self, vring: Vring, head: int, unique: int, err: int) -> None:
+        """Answer a request from the supervisor (header-only reply, -err)."""
+        assert self.mem is not None
+        written = 0
+        try:
+            chain = read_chain(self.mem, vring.desc_gpa, vring.size, head)
+            written = write_reply(chain.writable, _OUT_HEADER.pack(16, -err, unique))
+        except GuestProtocolError as e:
+            log.warning("cannot answer head=%d: %s", head, e)
+        self.complete_now(vring, head, written)
+
+    def complete_now(self, vring: Vring, head: int, length: int) -> None:
+        vring.push_used(head, length)
+        if vring.needs_notification():
+            vring.notify()
+
+    # completions
+    def drain_completions(self) -> None:
+        assert self.pool is not None
+        per_queue: dict[int, list[tuple[int, int]]] = {}
+        for slot in self.pool.slots:
+            records = slot.channel.completions.pop_all()
+            inflight = slot.inflight
+            for record in records:
+                queue, head, length = unpack_completion(record)
+                inflight.pop(queue << 16 | head, None)
+                per_queue.setdefault(queue, []).append((head, length))
+        if not per_queue or self.backend is None:
+            return
+        for queue, elems in per_queue.items():
+            vring = self.backend.vrings[queue]
+            if not vring.started:
+                log.warning("dropping %d completions for stopped queue %d", len(elems), queue)
+                continue
+            vring.push_used_batch(elems)
+            if vring.needs_notification():
+                vring.notify()
+
+    def quiesce(self, selects) -> None:
+        """Wait until no in-flight request matches `selects(queue << 16 | head)`."""
+        assert self.pool is not None
+        deadline = time.monotonic() + QUIESCE_TIMEOUT
+        while True:
+            self.drain_completions()
+            pending = [s for s in self.pool.slots if any(selects(k) for k in s.inflight)]
+            if not pending:
+                return
+            for slot in pending:
+                if slot.process is not None and not slot.process.is_alive():
+                    self.handle_worker_exit(slot)
+            if time.monotonic() > deadline:
+                log.error("requests still in flight after %.0f s; answering them EIO",
+                          QUIESCE_TIMEOUT)
+                for slot in pending:
+                    self._fail_inflight(slot)
+                return
+            select.select([self.completion_doorbell], [], [], 0.01)
+
+    # workers
+    def handle_worker_exit(self, slot: WorkerSlot) -> None:
+        assert self.pool is not None
+        sentinel = slot.sentinel
+        if sentinel is not None and sentinel in self.sentinels:
+            self.epoll.unregister(sentinel)
+            del self.sentinels[sentinel]
+        self.pool.reap(slot)
+        self.drain_completions()  # what it finished before dying
+        self._fail_inflight(slot)
+        if self.running:
+            self.pool.spawn(slot)
+            self._watch(slot)
+            self._resync(slot)
+
+    def _fail_inflight(self, slot: WorkerSlot) -> None:
+        """Requests a dead or stuck worker never answered get EIO (replay comes later)."""
+        if self.backend is None:
+            slot.inflight.clear()
+            return
+        for key, (_opcode, _nodeid, unique, _t) in list(slot.inflight.items()):
+            vring = self.backend.vrings[key >> 16]
+            if vring.started:
+                self.reply_error(vring, key & 0xFFFF, unique, errno.EIO)
+        slot.inflight.clear()
+
+    def _resync(self, slot: WorkerSlot) -> None:
+        """Give a respawned worker the memory table, ring layouts and FUSE session."""
+        if self.mem is not None:
+            self._send_memory(slot)
+        if self.backend is not None:
+            for vring in self.backend.vrings[1:]:
+                if vring.started:
+                    self._send_vring(slot, vring)
+        if self.session is not None:
+            slot.channel.send({"kind": control.SESSION, "session": self.session})
+
+    # signals and shutdown
+    def handle_signals(self) -> None:
+        try:
+            data = self._signal_r.recv(64)
+        except BlockingIOError:
+            return
+        for signum in data:
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                log.info("received %s; stopping", signal.Signals(signum).name)
+                self.running = False
+            elif signum == signal.SIGHUP:
+                log.info("SIGHUP: configuration reload is not implemented yet")
+
+    def shutdown(self) -> None:
+        if self.pool is not None:
+            if self.backend is not None:
+                try:
+                    self.quiesce(lambda key: True)
+                except HaltServer:
+                    pass
+            self.pool.stop()
+            self.pool.close()
+        signal.set_wakeup_fd(-1)
+        for sock in (self.conn, self.listener, self._signal_r, self._signal_w):
+            if sock is not None:
+                sock.close()
+        if self.listener is not None and self.settings.socket_path:
+            try:
+                os.unlink(self.settings.socket_path)
+            except FileNotFoundError:
+                pass
+        if self.table is not None:
+            self.table.close()
+        os.close(self.completion_doorbell)
+        self.epoll.close()
