@@ -1,0 +1,1 @@
+"""Real-guest tests (QEMU); see tests/rig/README.md."""
