@@ -1,0 +1,441 @@
+"""Split virtqueue, device side: bounded chain walking (workers) and ring operations (supervisor).
+
+Layout and rules: PROTOCOLS.md B.1-B.3; bounds after rust-vmm `virtio-queue` `chain.rs` and
+`queue.rs`; notification and EVENT_IDX bookkeeping after libvhost-user `vring_notify`.
+
+Shared-memory discipline (trap 23): every field the guest reads concurrently (`used.idx`,
+`avail_event`) is written with ONE aligned store through `memoryview.cast('H')`, never with
+`struct.pack_into` (which zero-fills first). Used elements are one 8-byte store each and are
+published by the later `used.idx` store. x86-64 reorders only store->load, so acquire/release
+ordering is free and the two store->load points of B.3 (steps 4 and 5) go through `full_fence`.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+
+from vfsd.transport import (
+    ChainError,
+    ChainFault,
+    GuestMemoryError,
+    GuestProtocolError,
+    VringError,
+)
+from vfsd.transport.abi import (
+    AVAIL_ALIGN,
+    DESC,
+    DESC_ALIGN,
+    MAX_QUEUE_SIZE,
+    USED_ALIGN,
+    VRING_AVAIL_F_NO_INTERRUPT,
+    VRING_DESC_F_INDIRECT,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+    avail_ring_size,
+    desc_table_size,
+    used_ring_size,
+)
+from vfsd.transport.memory import GuestMemory
+
+__all__ = [
+    "ChainError",
+    "ChainFault",
+    "DescChain",
+    "GuestProtocolError",  # re-exported: what the supervisor and workers catch
+    "Vring",
+    "VringError",
+    "VringLayout",
+    "full_fence",
+    "peek_chain",
+    "read_chain",
+    "vring_need_event",
+]
+
+_U32_MAX = 0xFFFFFFFF
+_MAX_INDIRECT_LEN = 65536 * DESC.size  # `next` is a u16, so no table can use more entries
+_NO_LIMIT = 1 << 64
+
+_fence_lock = threading.Lock()
+
+
+def full_fence() -> None:
+    """Full memory barrier. CPython has none; taking and releasing an uncontended Lock runs
+    `lock`-prefixed atomics (sem_trywait/sem_post CAS), which order store->load on x86."""
+    _fence_lock.acquire()
+    _fence_lock.release()
+
+
+def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
+    """virtio `vring_need_event`: did the index cross `event_idx` moving from old to new?
+    All u16 arithmetic: `(new - event - 1) mod 2^16 < (new - old) mod 2^16`."""
+    return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
+
+
+# -- chains (worker side; the supervisor peeks) ------------------------------------------------
+@dataclass(slots=True)
+class DescChain:
+    """A walked chain: views of the device-readable then device-writable buffers.
+
+    Not frozen: built once per request on the hot path. Views point into guest memory, which
+    the guest may change at any moment: copy what you validate (trap 4).
+    """
+
+    head: int
+    readable: list[memoryview]
+    writable: list[memoryview]
+    readable_len: int
+    writable_len: int
+
+
+def _walk(mem: GuestMemory, desc_gpa: int, queue_size: int, head: int, stop_after: int
+          ) -> tuple[list[memoryview], list[memoryview], int, int]:
+    """Walk one chain with rust-vmm's bounds; stop early once `stop_after` readable bytes are
+    collected (peek). Returns (readable, writable, readable_len, writable_len)."""
+    if not 0 <= head < queue_size:
+        raise ChainError(ChainFault.BAD_INDEX, f"head {head}, queue size {queue_size}")
+    view = mem.view
+    unpack = DESC.unpack_from
+    readable: list[memoryview] = []
+    writable: list[memoryview] = []
+    readable_len = writable_len = 0
+    try:
+        table = view(desc_gpa, queue_size << 4)
+        table_size = ttl = queue_size  # hops left: a loop can never outlive the table
+        index = head
+        indirect = False
+        while True:
+            if ttl == 0:
+                raise ChainError(ChainFault.TOO_MANY_DESCRIPTORS,
+                                 f"head {head}: > {table_size} descriptors")
+            ttl -= 1
+            addr, length, flags, nxt = unpack(table, index << 4)
+            if flags & VRING_DESC_F_INDIRECT:
+                # One level only; INDIRECT+NEXT illegal; the WRITE flag here is ignored (spec).
+                if indirect:
+                    raise ChainError(ChainFault.NESTED_INDIRECT, f"head {head}")
+                if flags & VRING_DESC_F_NEXT:
+                    raise ChainError(ChainFault.INDIRECT_WITH_NEXT, f"head {head}")
+                if length == 0 or length & 15 or length > _MAX_INDIRECT_LEN:
+                    raise ChainError(ChainFault.BAD_INDIRECT_TABLE, f"head {head}: len {length}")
+                table = view(addr, length)
+                table_size = ttl = length >> 4
+                index = 0
+                indirect = True
+                continue
+            buf = view(addr, length)
+            if flags & VRING_DESC_F_WRITE:
+                writable.append(buf)
+                writable_len += length
+            else:
+                if writable:
+                    raise ChainError(ChainFault.READABLE_AFTER_WRITABLE, f"head {head}")
+                readable.append(buf)
+                readable_len += length
+                if readable_len >= stop_after:
+                    break
+            if readable_len + writable_len > _U32_MAX:
+                raise ChainError(ChainFault.TOO_LONG, f"head {head}")
+            if not flags & VRING_DESC_F_NEXT:
+                break
+            index = nxt
+            if index >= table_size:
+                raise ChainError(ChainFault.BAD_INDEX, f"head {head}: next {index} >= "
+                                 f"{table_size}{' (indirect)' if indirect else ''}")
+    except GuestMemoryError as e:
+        raise ChainError(ChainFault.BAD_ADDRESS, f"head {head}: {e}") from e
+    return readable, writable, readable_len, writable_len
+
+
+def read_chain(mem: GuestMemory, desc_gpa: int, queue_size: int, head: int) -> DescChain:
+    """Walk the chain at `head` (direct and indirect descriptors) into readable and writable
+    views. Raises ChainError for any malformed chain or address outside guest memory."""
+    readable, writable, rlen, wlen = _walk(mem, desc_gpa, queue_size, head, _NO_LIMIT)
+    return DescChain(head, readable, writable, rlen, wlen)
+
+
+def peek_chain(mem: GuestMemory, desc_gpa: int, queue_size: int, head: int, nbytes: int
+               ) -> bytes:
+    """Copy of the first `nbytes` of the chain's readable part (fewer if it is shorter).
+    Walks only as far as needed, with the same bounds as `read_chain`."""
+    readable, _w, _rl, _wl = _walk(mem, desc_gpa, queue_size, head, nbytes)
+    out = bytearray()
+    for buf in readable:
+        need = nbytes - len(out)
+        if need <= 0:
+            break
+        out += buf[:need]
+    return bytes(out)
+
+
+# -- the ring (supervisor side) --------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class VringLayout:
+    """Where a ring lives in guest-physical space (what a worker needs besides memory)."""
+
+    index: int
+    size: int
+    desc_gpa: int
+    avail_gpa: int
+    used_gpa: int
+
+
+class Vring:
+    """One split virtqueue: vhost-user state plus the device's ring operations.
+
+    Ring addresses are kept as GPAs (translated once from QEMU VAs at SET_VRING_ADDR), so a
+    memory-table change only needs `remap(mem)` to re-derive the views. Owns its kick, call
+    and err fds. Single-threaded: the supervisor loop and the backend share it.
+    """
+
+    __slots__ = (
+        "_avail", "_avail_event_at", "_mask", "_used", "_used_elems", "_used_event_at",
+        "avail_gpa", "call_fd", "desc_gpa", "enabled", "err_fd", "event_idx", "index",
+        "kick_fd", "last_avail_idx", "max_size", "signalled_used", "signalled_used_valid",
+        "size", "started", "used_gpa", "used_idx",
+    )
+
+    def __init__(self, index: int, max_size: int = 1024) -> None:
+        if not 1 <= max_size <= MAX_QUEUE_SIZE or max_size & (max_size - 1):
+            raise ValueError(f"max queue size {max_size} is not a power of 2 <= 32768")
+        self.index = index
+        self.max_size = max_size
+        self.kick_fd: int | None = None
+        self.call_fd: int | None = None
+        self.err_fd: int | None = None
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        self.size = 0  # from SET_VRING_NUM; 0 = not configured
+        self.desc_gpa = self.avail_gpa = self.used_gpa = 0
+        self.last_avail_idx = 0  # next avail slot to consume (SET/GET_VRING_BASE)
+        self.used_idx = 0  # next used slot to fill (read from used.idx at set-addr)
+        self.signalled_used = 0  # used_idx at the last notification decision (EVENT_IDX)
+        self.signalled_used_valid = False
+        self.event_idx = False
+        self.started = False  # has a kick fd (SET_VRING_KICK) and not stopped (GET_VRING_BASE)
+        self.enabled = False  # SET_VRING_ENABLE, or SET_FEATURES without bit 30
+        self._unmap()
+
+    def _unmap(self) -> None:
+        self._avail: memoryview | None = None  # u16: flags, idx, ring[size], used_event
+        self._used: memoryview | None = None  # u16: flags, idx, (elems), avail_event
+        self._used_elems: memoryview | None = None  # u64 per used element: id | len << 32
+        self._mask = 0
+        self._used_event_at = 0
+        self._avail_event_at = 0
+
+    # -- configuration (backend) -------------------------------------------------------------
+    def set_size(self, size: int) -> None:
+        if not 1 <= size <= self.max_size or size & (size - 1):
+            raise VringError(f"queue {self.index}: size {size} is not a power of 2 <= "
+                             f"{self.max_size}")
+        self.size = size
+        self._unmap()  # the layout depends on the size: wait for SET_VRING_ADDR
+
+    def set_base(self, avail_idx: int) -> None:
+        if not 0 <= avail_idx <= 0xFFFF:
+            raise VringError(f"queue {self.index}: base {avail_idx} is not a u16")
+        self.last_avail_idx = avail_idx
+        self.signalled_used_valid = False
+
+    def set_addresses(self, mem: GuestMemory, desc_gpa: int, avail_gpa: int, used_gpa: int
+                      ) -> None:
+        """Place the ring (GPAs), map it, and take `used_idx` from `used.idx` in guest memory
+        (SET_VRING_BASE carries only the avail index; libvhost-user does the same)."""
+        if not self.size:
+            raise VringError(f"queue {self.index}: SET_VRING_ADDR before SET_VRING_NUM")
+        if desc_gpa % DESC_ALIGN or avail_gpa % AVAIL_ALIGN or used_gpa % USED_ALIGN:
+            raise VringError(f"queue {self.index}: misaligned ring "
+                             f"desc={desc_gpa:#x} avail={avail_gpa:#x} used={used_gpa:#x}")
+        self.desc_gpa, self.avail_gpa, self.used_gpa = desc_gpa, avail_gpa, used_gpa
+        if not self.remap(mem):
+            raise VringError(f"queue {self.index}: ring outside guest memory "
+                             f"desc={desc_gpa:#x} avail={avail_gpa:#x} used={used_gpa:#x}")
+        assert self._used is not None
+        self.used_idx = self._used[1]
+        self.signalled_used_valid = False
+
+    def remap(self, mem: GuestMemory) -> bool:
+        """Re-derive the ring views after a memory-table change. False (and unmapped, so
+        `ready` is False) while the ring is not inside guest memory."""
+        self._unmap()
+        size = self.size
+        if not size or not self.used_gpa:
+            return False
+        try:
+            mem.view(self.desc_gpa, desc_table_size(size))  # only checked here; walkers view it
+            avail = mem.view(self.avail_gpa, avail_ring_size(size))
+            used = mem.view(self.used_gpa, used_ring_size(size))
+        except GuestMemoryError:
+            return False
+        self._avail = avail.cast("H")
+        self._used = used.cast("H")
+        self._used_elems = used[4 : 4 + 8 * size].cast("Q")
+        self._mask = size - 1
+        self._used_event_at = 2 + size  # avail ring: u16 after ring[size]
+        self._avail_event_at = 2 + 4 * size  # used ring: u16 after ring[size] of 8-byte elems
+        return True
+
+    def unmap(self) -> None:
+        """Drop the ring views (before a memory-table change, so old mappings can be
+        unmapped at once); `remap` restores them."""
+        self._unmap()
+
+    @property
+    def mapped(self) -> bool:
+        return self._avail is not None
+
+    @property
+    def ready(self) -> bool:
+        """Started, enabled and mapped: the device may consume and complete requests."""
+        return self.started and self.enabled and self._avail is not None
+
+    @property
+    def layout(self) -> VringLayout:
+        return VringLayout(self.index, self.size, self.desc_gpa, self.avail_gpa, self.used_gpa)
+
+    def replace_kick_fd(self, fd: int | None) -> int | None:
+        old, self.kick_fd = self.kick_fd, fd
+        return old
+
+    def replace_call_fd(self, fd: int | None) -> int | None:
+        old, self.call_fd = self.call_fd, fd
+        return old
+
+    def replace_err_fd(self, fd: int | None) -> int | None:
+        old, self.err_fd = self.err_fd, fd
+        return old
+
+    def stop(self) -> None:
+        """GET_VRING_BASE: no more processing; drop kick and call (libvhost-user, rust-vmm)."""
+        self.started = False
+        _close(self.replace_kick_fd(None))
+        _close(self.replace_call_fd(None))
+
+    def reset(self) -> None:
+        """RESET_DEVICE / RESET_OWNER: back to the initial state, every fd closed."""
+        self.close()
+        self._reset_state()
+
+    def close(self) -> None:
+        """Close every fd and drop the ring views (the connection is gone)."""
+        self._unmap()
+        _close(self.replace_kick_fd(None))
+        _close(self.replace_call_fd(None))
+        _close(self.replace_err_fd(None))
+
+    # -- ring operations (supervisor hot path) -----------------------------------------------
+    @property
+    def avail_idx(self) -> int:
+        """The driver's current avail.idx (diagnostics and tests)."""
+        if self._avail is None:
+            raise VringError(f"queue {self.index}: not mapped")
+        return self._avail[1]
+
+    def pop_avail(self) -> list[int]:
+        """Consume every new avail entry; returns the heads in ring order.
+
+        With EVENT_IDX, publishes `avail_event = last_avail_idx`, fences and re-checks
+        avail.idx before returning (B.3 step 5), so a request added meanwhile is either
+        returned now or announced by a kick. At most `size` heads per call. Returns [] unless
+        `ready`. Raises VringError if avail.idx ran more than `size` ahead (broken driver).
+        """
+        avail = self._avail
+        used = self._used
+        if avail is None or used is None or not (self.started and self.enabled):
+            return []
+        size = self.size
+        mask = self._mask
+        last = self.last_avail_idx
+        heads: list[int] = []
+        while True:
+            avail_idx = avail[1]  # (acquire: free on x86)
+            n = (avail_idx - last) & 0xFFFF
+            if n > size:
+                raise VringError(f"queue {self.index}: avail.idx {avail_idx} is {n} ahead of "
+                                 f"last_avail_idx {last} (queue size {size})")
+            n = min(n, size - len(heads))
+            if n:
+                start = last & mask
+                end = start + n
+                if end <= size:
+                    heads += avail[2 + start : 2 + end].tolist()
+                else:
+                    heads += avail[2 + start : 2 + size].tolist()
+                    heads += avail[2 : 2 + end - size].tolist()
+                last = (last + n) & 0xFFFF
+                self.last_avail_idx = last
+            if not self.event_idx:
+                return heads
+            used[self._avail_event_at] = last
+            if len(heads) >= size:
+                # A full ring: the driver cannot add more before we return some; no re-check.
+                return heads
+            full_fence()  # store avail_event -> load avail.idx
+            if avail[1] == last:
+                return heads
+
+    def push_used(self, head: int, length: int) -> None:
+        """Return one chain: the element first, then `used.idx` in one 16-bit store."""
+        elems = self._used_elems
+        used = self._used
+        if elems is None or used is None:
+            raise VringError(f"queue {self.index}: push_used on an unmapped ring")
+        idx = self.used_idx
+        elems[idx & self._mask] = head | (length << 32)
+        idx = (idx + 1) & 0xFFFF
+        used[1] = idx  # (release: free on x86)
+        self.used_idx = idx
+
+    def push_used_batch(self, elements: list[tuple[int, int]]) -> None:
+        """Return several chains with a single `used.idx` publication."""
+        elems = self._used_elems
+        used = self._used
+        if elems is None or used is None:
+            raise VringError(f"queue {self.index}: push_used on an unmapped ring")
+        if not elements:
+            return
+        mask = self._mask
+        idx = self.used_idx
+        for head, length in elements:
+            elems[idx & mask] = head | (length << 32)
+            idx = (idx + 1) & 0xFFFF
+        used[1] = idx
+        self.used_idx = idx
+
+    def needs_notification(self) -> bool:
+        """Should the driver be interrupted for what was pushed since the last decision?
+        EVENT_IDX: `vring_need_event(used_event, used_idx, signalled_used)`; otherwise unless
+        avail.flags has NO_INTERRUPT. Full fence first (store used.idx -> load used_event)."""
+        avail = self._avail
+        if avail is None:
+            return False
+        full_fence()
+        if not self.event_idx:
+            return not avail[0] & VRING_AVAIL_F_NO_INTERRUPT
+        new = self.used_idx
+        old = self.signalled_used
+        valid = self.signalled_used_valid
+        self.signalled_used = new
+        self.signalled_used_valid = True
+        return not valid or vring_need_event(avail[self._used_event_at], new, old)
+
+    def notify(self) -> None:
+        """Signal the driver (write the call eventfd); no-op without a call fd (NOFD)."""
+        if self.call_fd is not None:
+            os.eventfd_write(self.call_fd, 1)
+
+    def __repr__(self) -> str:
+        return (f"Vring(index={self.index}, size={self.size}, started={self.started}, "
+                f"enabled={self.enabled}, last_avail_idx={self.last_avail_idx}, "
+                f"used_idx={self.used_idx})")
+
+
+def _close(fd: int | None) -> None:
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
