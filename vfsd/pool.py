@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import multiprocess
 
-from vfsd.dispatch.channel import WorkerChannel
+from vfsd.dispatch.channel import CB_SERVED, WorkerChannel
 from vfsd.fs.inode_table import InodeTable
 from vfsd.fuse.options import FsOptions
 from workers import main as worker_main
@@ -133,6 +133,10 @@ class WorkerPool:
                 slot.process.kill()
                 slot.process.join(1.0)
             slot.process = None
+
+    def served(self) -> list[int]:
+        """Requests each slot's current worker has completed."""
+        return [slot.channel.block[CB_SERVED] for slot in self.slots]
 
     def close(self) -> None:
         for slot in self.slots:

@@ -26,10 +26,11 @@ from vfsd.fuse import abi
 from vfsd.fuse.init import negotiate
 from vfsd.fuse.options import FsOptions
 from vfsd.pool import HaltServer, WorkerPool, WorkerSlot
+from vfsd.transport import FramingError, GuestProtocolError
 from vfsd.transport.backend import VhostUserBackend
 from vfsd.transport.connection import PeerClosed, recv_message, send_message
 from vfsd.transport.memory import GuestMemory
-from vfsd.transport.virtqueue import GuestProtocolError, Vring, peek_chain, read_chain
+from vfsd.transport.virtqueue import Vring, peek_chain, read_chain
 
 log = logging.getLogger("vfsd.supervisor")
 
@@ -250,6 +251,11 @@ class Supervisor:
             log.info("front-end disconnected; exiting")
             self.running = False
             return
+        except FramingError as e:  # the stream is out of sync: nothing more can be read
+            log.error("vhost-user stream broken, dropping the connection: %s", e)
+            self.running = False
+            self.exit_code = 1
+            return
         except GuestProtocolError as e:
             log.error("malformed vhost-user message: %s", e)
             return
@@ -305,7 +311,7 @@ class Supervisor:
 
     # request routing
     def process_queue(self, vring: Vring) -> None:
-        if not (vring.started and vring.enabled) or self.mem is None:
+        if not vring.ready or self.mem is None:
             return
         try:
             heads = vring.pop_avail()
@@ -463,6 +469,9 @@ class Supervisor:
         self.complete_now(vring, head, written)
 
     def complete_now(self, vring: Vring, head: int, length: int) -> None:
+        if not vring.mapped:
+            log.warning("dropping completion head=%d for unmapped queue %d", head, vring.index)
+            return
         vring.push_used(head, length)
         if vring.needs_notification():
             vring.notify()
@@ -482,7 +491,7 @@ class Supervisor:
             return
         for queue, elems in per_queue.items():
             vring = self.backend.vrings[queue]
-            if not vring.started:
+            if not vring.mapped:
                 log.warning("dropping %d completions for stopped queue %d", len(elems), queue)
                 continue
             vring.push_used_batch(elems)
@@ -531,7 +540,7 @@ class Supervisor:
             return
         for key, (_opcode, _nodeid, unique, _t) in list(slot.inflight.items()):
             vring = self.backend.vrings[key >> 16]
-            if vring.started:
+            if vring.mapped:
                 self.reply_error(vring, key & 0xFFFF, unique, errno.EIO)
         slot.inflight.clear()
 
@@ -567,6 +576,8 @@ class Supervisor:
                 except HaltServer:
                     pass
             self.pool.stop()
+            log.info("requests served per worker: %s",
+                     " ".join(f"w{i}={n}" for i, n in enumerate(self.pool.served())))
             self.pool.close()
         signal.set_wakeup_fd(-1)
         for sock in (self.conn, self.listener, self._signal_r, self._signal_w):

@@ -21,22 +21,14 @@ side's field (the only reordering x86 does), so a wake-up cannot be lost.
 from __future__ import annotations
 
 import os
-import threading
+
+from vfsd.fence import full_fence
 
 _HEAD = 0  # u32 index into the cast('I') header view
 _TAIL = 16
 _SLEEPING = 32
 HEADER_BYTES = 192
 _U32 = 0xFFFFFFFF
-
-_fence_lock = threading.Lock()
-
-
-def full_fence() -> None:
-    """A full memory barrier: acquiring and releasing a lock is a locked instruction."""
-    _fence_lock.acquire()
-    _fence_lock.release()
-
 
 def ring_bytes(capacity: int) -> int:
     """Bytes one ring of `capacity` records occupies."""

@@ -13,9 +13,9 @@ ordering is free and the two store->load points of B.3 (steps 4 and 5) go throug
 from __future__ import annotations
 
 import os
-import threading
 from dataclasses import dataclass
 
+from vfsd.fence import full_fence
 from vfsd.transport import (
     ChainError,
     ChainFault,
@@ -56,16 +56,6 @@ __all__ = [
 _U32_MAX = 0xFFFFFFFF
 _MAX_INDIRECT_LEN = 65536 * DESC.size  # `next` is a u16, so no table can use more entries
 _NO_LIMIT = 1 << 64
-
-_fence_lock = threading.Lock()
-
-
-def full_fence() -> None:
-    """Full memory barrier. CPython has none; taking and releasing an uncontended Lock runs
-    `lock`-prefixed atomics (sem_trywait/sem_post CAS), which order store->load on x86."""
-    _fence_lock.acquire()
-    _fence_lock.release()
-
 
 def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
     """virtio `vring_need_event`: did the index cross `event_idx` moving from old to new?

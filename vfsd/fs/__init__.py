@@ -1,0 +1,1 @@
+"""File-system state shared by every process (the inode table)."""

@@ -1,0 +1,1 @@
+"""FUSE protocol layer: wire layouts (abi), INIT negotiation, file-system options. Pure."""

@@ -1,0 +1,124 @@
+"""File handles (name_to_handle_at / open_by_handle_at) and the mount fds that decode them.
+
+Any worker can reopen any inode of the shared table from its handle; this needs
+CAP_DAC_READ_SEARCH (we run as root) and a file system with export operations.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import stat
+import struct
+
+from vfsd.fs.inode_table import MAX_HANDLE_SZ, FileHandle
+from workers.passthrough.syscalls import AT_EMPTY_PATH
+
+log = logging.getLogger("vfsd.worker.fh")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_name_to_handle_at = _libc.name_to_handle_at
+_name_to_handle_at.argtypes = [
+    ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int), ctypes.c_int,
+]
+_open_by_handle_at = _libc.open_by_handle_at
+_open_by_handle_at.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+
+# struct file_handle { unsigned int handle_bytes; int handle_type; unsigned char f_handle[]; }
+_FH_HEAD = struct.Struct("=Ii")
+# One scratch buffer per process: workers are single-threaded.
+_buf = ctypes.create_string_buffer(_FH_HEAD.size + MAX_HANDLE_SZ)
+_mnt = ctypes.c_int()
+
+
+class NoHandleSupport(OSError):
+    """The file system cannot produce file handles (no export operations)."""
+
+
+def handle_of_fd(fd: int) -> tuple[FileHandle, int]:
+    """(handle, mnt_id) of the inode `fd` refers to (O_PATH fds welcome, never follows)."""
+    _FH_HEAD.pack_into(_buf, 0, MAX_HANDLE_SZ, 0)
+    if _name_to_handle_at(fd, b"", _buf, ctypes.byref(_mnt), AT_EMPTY_PATH) < 0:
+        err = ctypes.get_errno()
+        if err == errno.EOPNOTSUPP:
+            raise NoHandleSupport(err, "file system does not support file handles")
+        raise OSError(err, os.strerror(err))
+    nbytes, htype = _FH_HEAD.unpack_from(_buf)
+    return FileHandle(htype, _buf.raw[_FH_HEAD.size:_FH_HEAD.size + nbytes]), _mnt.value
+
+
+def open_by_handle(mount_fd: int, handle: FileHandle, flags: int) -> int:
+    data = handle.data
+    buf = ctypes.create_string_buffer(_FH_HEAD.size + len(data))
+    _FH_HEAD.pack_into(buf, 0, len(data), handle.handle_type)
+    ctypes.memmove(ctypes.addressof(buf) + _FH_HEAD.size, data, len(data))
+    fd = _open_by_handle_at(mount_fd, buf, flags | os.O_CLOEXEC)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return fd
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and len(field[i + 1:i + 4]) == 3 and field[i + 1:i + 4].isdigit():
+            out.append(chr(int(field[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def _mount_point(mnt_id: int) -> str | None:
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split(" ", 5)
+            if len(fields) > 4 and fields[0] == str(mnt_id):
+                return _unescape(fields[4])
+    return None
+
+
+class MountFds:
+    """mnt_id -> an fd on that mount, for open_by_handle_at (which rejects O_PATH fds)."""
+
+    def __init__(self, proc_self_fd: int) -> None:
+        self._fds: dict[int, int] = {}
+        self._proc = proc_self_fd
+
+    def add(self, mnt_id: int, fd: int) -> None:
+        self._fds.setdefault(mnt_id, fd)
+
+    def get(self, mnt_id: int) -> int:
+        fd = self._fds.get(mnt_id)
+        if fd is None:
+            fd = self._open(mnt_id)
+            self._fds[mnt_id] = fd
+        return fd
+
+    def _open(self, mnt_id: int) -> int:
+        path = _mount_point(mnt_id)
+        if path is None:
+            raise OSError(errno.ESTALE, f"mount {mnt_id} is gone")
+        opath = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            _, got = handle_of_fd(opath)
+            if got != mnt_id:  # shadowed by a later mount on the same path
+                raise OSError(errno.ESTALE, f"mount {mnt_id} not reachable at {path}")
+            mode = os.fstat(opath).st_mode
+            if stat.S_ISDIR(mode):
+                return os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=opath)
+            if stat.S_ISREG(mode):
+                return os.open(str(opath), os.O_RDONLY | os.O_CLOEXEC, dir_fd=self._proc)
+            raise OSError(errno.ESTALE, f"mount {mnt_id} root is neither file nor directory")
+        finally:
+            os.close(opath)
+
+    def close(self) -> None:
+        for fd in set(self._fds.values()):
+            os.close(fd)
+        self._fds.clear()

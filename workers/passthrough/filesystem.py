@@ -1,0 +1,184 @@
+"""The contract between the FUSE server and a file system (virtiofsd's `FileSystem` trait).
+
+Every op defaults to ENOSYS. Ops take Python values (never request bytes) and return small
+results or raise OSError with the errno to send. Obligations (as in virtiofsd):
+- lookup, mknod, mkdir, symlink, link, create and readdir_lookup each add 1 to the returned
+  inode's lookup count (the shared inode table's `nlookup`); FORGET takes them back.
+- Nodeids returned are never 0 (except "no entry") and never 1 unless it is the root itself.
+- An fh is only meaningful to the worker that issued it.
+
+Only the creating ops (and ACCESS) get the caller's `Context`; the hot ops take none.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from typing import NamedTuple
+
+from vfsd.fuse.init import Session
+
+
+class Context(NamedTuple):
+    uid: int
+    gid: int
+    pid: int
+
+
+class Entry(NamedTuple):
+    """A looked-up inode: its nodeid (generation is folded into it, so FUSE's is always 0)."""
+
+    nodeid: int
+    attr: os.stat_result
+
+
+class Opened(NamedTuple):
+    fh: int
+    open_flags: int  # FOPEN_*
+
+
+class SetAttr(NamedTuple):
+    """Decoded fuse_setattr_in; fields not flagged in `valid` are meaningless."""
+
+    valid: int
+    fh: int
+    size: int
+    atime: int
+    atimensec: int
+    mtime: int
+    mtimensec: int
+    mode: int
+    uid: int
+    gid: int
+
+
+#: (d_ino, cookie of the next entry, DT_* type, name)
+DirEntry = tuple[int, int, int, bytes]
+
+
+def _enosys() -> OSError:
+    return OSError(errno.ENOSYS, "not implemented")
+
+
+class FileSystem:
+    def start_session(self, session: Session) -> None:
+        """A FUSE session began (INIT settled)."""
+
+    def destroy(self) -> None:
+        """The session ended: drop every handle and cached fd."""
+
+    def forget(self, nodeid: int, nlookup: int) -> None:
+        raise _enosys()
+
+    def lookup(self, parent: int, name: bytes) -> Entry:
+        raise _enosys()
+
+    def getattr(self, nodeid: int, fh: int | None) -> os.stat_result:
+        raise _enosys()
+
+    def setattr(self, nodeid: int, attr: SetAttr) -> os.stat_result:
+        raise _enosys()
+
+    def readlink(self, nodeid: int) -> bytes:
+        raise _enosys()
+
+    def symlink(self, ctx: Context, parent: int, name: bytes, target: bytes) -> Entry:
+        raise _enosys()
+
+    def mknod(
+        self, ctx: Context, parent: int, name: bytes, mode: int, rdev: int, umask: int
+    ) -> Entry:
+        raise _enosys()
+
+    def mkdir(self, ctx: Context, parent: int, name: bytes, mode: int, umask: int) -> Entry:
+        raise _enosys()
+
+    def unlink(self, parent: int, name: bytes) -> None:
+        raise _enosys()
+
+    def rmdir(self, parent: int, name: bytes) -> None:
+        raise _enosys()
+
+    def rename(
+        self, olddir: int, oldname: bytes, newdir: int, newname: bytes, flags: int
+    ) -> None:
+        raise _enosys()
+
+    def link(self, nodeid: int, newparent: int, newname: bytes) -> Entry:
+        raise _enosys()
+
+    def open(self, nodeid: int, flags: int) -> Opened:
+        raise _enosys()
+
+    def create(
+        self, ctx: Context, parent: int, name: bytes, mode: int, flags: int, umask: int
+    ) -> tuple[Entry, Opened]:
+        raise _enosys()
+
+    def read(self, nodeid: int, fh: int, offset: int, bufs: list[memoryview]) -> int:
+        raise _enosys()
+
+    def write(
+        self, nodeid: int, fh: int, offset: int, bufs: list[memoryview], write_flags: int
+    ) -> int:
+        raise _enosys()
+
+    def flush(self, nodeid: int, fh: int, lock_owner: int) -> None:
+        raise _enosys()
+
+    def release(self, nodeid: int, fh: int, flags: int, release_flags: int) -> None:
+        raise _enosys()
+
+    def fsync(self, nodeid: int, fh: int, datasync: bool) -> None:
+        raise _enosys()
+
+    def statfs(self, nodeid: int) -> os.statvfs_result:
+        raise _enosys()
+
+    def opendir(self, nodeid: int, flags: int) -> Opened:
+        raise _enosys()
+
+    def readdir(self, nodeid: int, fh: int, offset: int) -> Iterator[DirEntry]:
+        raise _enosys()
+
+    def readdir_lookup(self, nodeid: int, fh: int, name: bytes) -> Entry:
+        """LOOKUP of one READDIRPLUS entry, relative to the open directory `fh`."""
+        raise _enosys()
+
+    def releasedir(self, nodeid: int, fh: int) -> None:
+        raise _enosys()
+
+    def fsyncdir(self, nodeid: int, fh: int, datasync: bool) -> None:
+        raise _enosys()
+
+    def access(self, ctx: Context, nodeid: int, mask: int) -> None:
+        raise _enosys()
+
+    def setxattr(self, nodeid: int, name: bytes, value: bytes, flags: int) -> None:
+        raise _enosys()
+
+    def getxattr(self, nodeid: int, name: bytes) -> bytes:
+        raise _enosys()
+
+    def listxattr(self, nodeid: int) -> bytes:
+        """All names, each NUL-terminated."""
+        raise _enosys()
+
+    def removexattr(self, nodeid: int, name: bytes) -> None:
+        raise _enosys()
+
+    def fallocate(self, nodeid: int, fh: int, offset: int, length: int, mode: int) -> None:
+        raise _enosys()
+
+    def lseek(self, nodeid: int, fh: int, offset: int, whence: int) -> int:
+        raise _enosys()
+
+    def copy_file_range(
+        self, fh_in: int, off_in: int, nodeid_out: int, fh_out: int, off_out: int,
+        length: int, flags: int,
+    ) -> int:
+        raise _enosys()
+
+    def syncfs(self, nodeid: int) -> None:
+        raise _enosys()

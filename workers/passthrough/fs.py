@@ -1,0 +1,640 @@
+"""PassthroughFs: FUSE operations on a host directory, shared by N worker processes.
+
+Safety rules (ARCHITECTURE.md "Guest input is hostile"):
+- Every guest name is one validated component resolved relative to its parent's O_PATH fd
+  (`dir_fd=`), with O_NOFOLLOW / AT_SYMLINK_NOFOLLOW / AT_EMPTY_PATH: the daemon never
+  follows a symlink, so it never leaves the export through one.
+- O_PATH fds are reopened for I/O (via /proc/self/fd) only for regular files; directories
+  are reopened with openat(fd, "."). Other file types are never opened.
+- Inodes are identified across workers by the shared table (key + file handle); each worker
+  reopens them from the handle.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import resource
+import stat
+import struct
+from collections.abc import Iterator
+
+from vfsd.fs.inode_table import ROOT_ID, InodeTable
+from vfsd.fuse import abi
+from vfsd.fuse.abi import InitFlags
+from vfsd.fuse.init import Session
+from vfsd.fuse.options import FsOptions
+from workers.passthrough import syscalls
+from workers.passthrough.creds import GuestCreds
+from workers.passthrough.file_handle import (
+    MountFds,
+    NoHandleSupport,
+    handle_of_fd,
+    open_by_handle,
+)
+from workers.passthrough.filesystem import (
+    Context,
+    DirEntry,
+    Entry,
+    FileSystem,
+    Opened,
+    SetAttr,
+)
+from workers.passthrough.handles import Handle, HandleTable
+from workers.passthrough.inodes import InodeCache
+from workers.passthrough.names import check_lookup_name, check_name
+
+log = logging.getLogger("vfsd.worker.passthrough")
+
+_O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+#: Guest open flags we pass on. Dropped: O_CREAT/O_EXCL (CREATE handles them), O_NOCTTY,
+#: O_LARGEFILE (guest 0x8000; implied on the host), O_DIRECTORY/O_NOFOLLOW/O_PATH/O_TMPFILE
+#: (we reopen a known inode), FASYNC, and O_DIRECT (guest buffers are not aligned; as
+#: virtiofsd without --allow-direct-io).
+_OPEN_KEEP = (
+    os.O_ACCMODE | os.O_APPEND | os.O_NONBLOCK | os.O_SYNC | os.O_DSYNC | os.O_NOATIME
+    | os.O_TRUNC
+)
+#: d_ino d_off d_reclen d_type, then the name. d_off is read unsigned: the cookie is passed
+#: through as 64 opaque bits and turned back into a signed loff_t for lseek.
+_DIRENT64 = struct.Struct("<QQHB")
+_OFF_MAX = (1 << 63) - 1
+_PATH_MAX = 4096
+_XATTR_NAME_MAX = 255
+_XATTR_SIZE_MAX = 65536
+_FMT_TYPES = {stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK}
+
+
+class ExportError(OSError):
+    """The export cannot be served by this design (reported once, at start-up)."""
+
+
+def _erofs() -> OSError:
+    return OSError(errno.EROFS, "read-only export")
+
+
+def _permits(st: os.stat_result, uid: int, gid: int, mask: int) -> bool:
+    """Classic owner/group/other check for the caller (no ACLs, no supplementary groups:
+    the guest's are unknown)."""
+    mask &= 7
+    if not mask:
+        return True
+    mode = st.st_mode
+    if uid == 0:
+        return not mask & os.X_OK or bool(mode & 0o111) or stat.S_ISDIR(mode)
+    if st.st_uid == uid:
+        bits = mode >> 6
+    elif st.st_gid == gid:
+        bits = mode >> 3
+    else:
+        bits = mode
+    return not mask & ~bits & 7
+
+
+def _decode_dev(rdev: int) -> int:
+    """FUSE carries the kernel's new_encode_dev() u32; rebuild a host dev_t."""
+    major = (rdev & 0xFFF00) >> 8
+    minor = (rdev & 0xFF) | ((rdev >> 12) & 0xFFF00)
+    return os.makedev(major, minor)
+
+
+def _raise_nofile_limit() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+class PassthroughFs(FileSystem):
+    """FUSE ops over `options.shared_dir`; one instance per worker process."""
+
+    def __init__(
+        self,
+        options: FsOptions,
+        table: InodeTable,
+        worker_index: int = 0,
+        incarnation: int = 0,
+        *,
+        fd_cache_size: int = 4096,
+    ) -> None:
+        """`incarnation` (bumped by the supervisor on every respawn of this worker index)
+        goes into the fhs, so a restarted worker never honours its predecessor's fhs."""
+        self.options = options
+        self.table = table
+        self.readonly = options.readonly
+        self._file_fopen = options.file_open_flags
+        self._dir_fopen = options.dir_open_flags
+        self._dont_mask = False
+        self._writeback = False
+        # Modes come from the guest (already masked, or masked by us with DONT_MASK).
+        self._saved_umask = os.umask(0)
+        # Creating ops run with the caller's euid/egid; root's supplementary groups must not
+        # grant them extra access (the guest's own groups are unknown).
+        self._saved_groups = os.getgroups()
+        if os.geteuid() == 0 and self._saved_groups:
+            os.setgroups([])
+        nofile = _raise_nofile_limit()
+        self._proc_fd = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            root_fd = os.open(options.shared_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            os.close(self._proc_fd)
+            raise ExportError(f"cannot open shared dir {options.shared_dir!r}: {e}") from e
+        try:
+            st = os.fstat(root_fd)
+            try:
+                handle, mnt_id = handle_of_fd(root_fd)
+            except NoHandleSupport as e:
+                raise ExportError(
+                    f"{options.shared_dir!r}: its file system has no file-handle support "
+                    "(name_to_handle_at: EOPNOTSUPP); multi-worker vfsd needs it to share "
+                    "inodes between workers"
+                ) from e
+            self._root_mount_fd = os.open(".", _O_DIR, dir_fd=root_fd)
+            try:
+                probe = open_by_handle(self._root_mount_fd, handle, os.O_PATH)
+            except PermissionError as e:
+                os.close(self._root_mount_fd)
+                raise ExportError(
+                    "open_by_handle_at refused (needs CAP_DAC_READ_SEARCH, i.e. run as root)"
+                ) from e
+            os.close(probe)
+        except BaseException:
+            os.close(root_fd)
+            os.close(self._proc_fd)
+            raise
+        self.mounts = MountFds(self._proc_fd)
+        self.mounts.add(mnt_id, self._root_mount_fd)
+        try:
+            table.set_root((st.st_dev, st.st_ino, mnt_id), handle)
+        except ValueError as e:
+            self.mounts.close()
+            os.close(root_fd)
+            os.close(self._proc_fd)
+            raise ExportError(f"{options.shared_dir!r} is not the export this table serves") from e
+        # (An op holds at most a few cached fds at once, so LRU eviction during an op never
+        # closes an fd it is still using: the cache keeps at least 16.)
+        self.inodes = InodeCache(table, self.mounts, root_fd, min(fd_cache_size, nofile // 2))
+        self.handles = HandleTable(worker_index, incarnation)
+        self._dirbuf = ctypes.create_string_buffer(8192)
+        self._warned_mounts: set[int] = set()
+
+    def close(self) -> None:
+        """Release every fd (tests; a worker process just exits)."""
+        self.destroy()
+        os.close(self.inodes.root_fd)
+        self.mounts.close()
+        os.close(self._proc_fd)
+        os.umask(self._saved_umask)
+        if os.geteuid() == 0 and self._saved_groups:
+            os.setgroups(self._saved_groups)
+
+    # ------------------------------------------------------------------ session
+    def start_session(self, session: Session) -> None:
+        self._dont_mask = session.has(InitFlags.DONT_MASK)
+        self._writeback = session.has(InitFlags.WRITEBACK_CACHE)
+
+    def destroy(self) -> None:
+        self.handles.close_all()
+        self.inodes.clear()
+
+    def sweep(self) -> int:
+        return self.inodes.sweep()
+
+    def forget(self, nodeid: int, nlookup: int) -> None:
+        self.table.forget(nodeid, nlookup)
+
+    # ------------------------------------------------------------------ helpers
+    def _entry_of(self, fd: int) -> Entry:
+        """Register the inode `fd` (O_PATH, ownership taken) in the table: nlookup += 1."""
+        try:
+            st = os.fstat(fd)
+            try:
+                handle, mnt_id = handle_of_fd(fd)
+            except NoHandleSupport:
+                if st.st_dev not in self._warned_mounts:
+                    self._warned_mounts.add(st.st_dev)
+                    log.warning("submount dev %#x has no file handles: entries on it fail "
+                                "with EOPNOTSUPP", st.st_dev)
+                raise
+            nodeid = self.table.ref((st.st_dev, st.st_ino, mnt_id), handle)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.inodes.insert(nodeid, fd)
+        return Entry(nodeid, st)
+
+    def _lookup_at(self, parent_fd: int, name: bytes) -> Entry:
+        return self._entry_of(os.open(name, _O_PATH, dir_fd=parent_fd))
+
+    def _ref_self(self, nodeid: int, fd: int) -> Entry:
+        entry = self.table.get(nodeid)
+        if entry is None:
+            raise OSError(errno.ESTALE, "stale nodeid")
+        # Any file type: with EXPORT_SUPPORT the kernel revalidates NFS file handles by
+        # looking up "." in the nodeid itself (fuse_get_dentry).
+        return Entry(self.table.ref(entry.key, entry.handle), os.fstat(fd))
+
+    def _open_flags(self, flags: int) -> int:
+        f = flags & _OPEN_KEEP
+        if self._writeback:
+            # The guest page cache reads around partial writes and owns append offsets.
+            if f & os.O_ACCMODE == os.O_WRONLY:
+                f = (f & ~os.O_ACCMODE) | os.O_RDWR
+            f &= ~os.O_APPEND
+        return f | os.O_CLOEXEC
+
+    def _reopen_regular(self, opath: int, flags: int) -> int:
+        """Open the regular file behind an O_PATH fd (never any other file type)."""
+        mode = os.fstat(opath).st_mode
+        if not stat.S_ISREG(mode):
+            if stat.S_ISDIR(mode):
+                raise OSError(errno.EISDIR, "is a directory")
+            if stat.S_ISLNK(mode):
+                raise OSError(errno.ELOOP, "is a symlink")
+            raise OSError(errno.ENXIO, "not a regular file")
+        return os.open(b"%d" % opath, flags & ~os.O_NOFOLLOW, dir_fd=self._proc_fd)
+
+    def _create_perm(self, mode: int, umask: int) -> int:
+        perm = mode & 0o7777
+        return perm & ~umask if self._dont_mask else perm
+
+    # ------------------------------------------------------------------ inodes
+    def lookup(self, parent: int, name: bytes) -> Entry:
+        check_lookup_name(name)
+        pfd = self.inodes.fd(parent)
+        if name == b"." or (name == b".." and parent == ROOT_ID):
+            # ".." of the export root is the root: never climb out.
+            return self._ref_self(parent, pfd)
+        return self._lookup_at(pfd, name)
+
+    def getattr(self, nodeid: int, fh: int | None) -> os.stat_result:
+        if fh is not None:
+            h = self.handles.find(fh)
+            if h is not None and h.nodeid == nodeid:
+                return os.fstat(h.fd)
+        return os.fstat(self.inodes.fd(nodeid))
+
+    def setattr(self, nodeid: int, attr: SetAttr) -> os.stat_result:
+        if self.readonly:
+            raise _erofs()
+        valid = attr.valid
+        fd = self.inodes.fd(nodeid)
+        h = self.handles.find(attr.fh) if valid & abi.FATTR_FH else None
+        if h is not None and (h.nodeid != nodeid or h.is_dir):
+            h = None  # the guest's fh is only a hint; the nodeid is authoritative
+        if valid & abi.FATTR_MODE:
+            if h is not None:
+                os.fchmod(h.fd, attr.mode & 0o7777)
+            else:
+                os.chmod(b"%d" % fd, attr.mode & 0o7777, dir_fd=self._proc_fd)
+        if valid & (abi.FATTR_UID | abi.FATTR_GID):
+            syscalls.chown_fd(
+                fd,
+                attr.uid if valid & abi.FATTR_UID else -1,
+                attr.gid if valid & abi.FATTR_GID else -1,
+            )
+        if valid & abi.FATTR_SIZE:
+            if attr.size > _OFF_MAX:
+                raise OSError(errno.EFBIG, "size too large")
+            if h is not None and h.flags & os.O_ACCMODE != os.O_RDONLY:
+                os.ftruncate(h.fd, attr.size)
+            else:
+                wfd = self._reopen_regular(fd, os.O_WRONLY | os.O_CLOEXEC)
+                try:
+                    os.ftruncate(wfd, attr.size)
+                finally:
+                    os.close(wfd)
+        if valid & (abi.FATTR_ATIME | abi.FATTR_MTIME):
+            omit = (0, syscalls.UTIME_OMIT)
+            now = (0, syscalls.UTIME_NOW)
+            if valid & abi.FATTR_ATIME_NOW:
+                at = now
+            elif valid & abi.FATTR_ATIME:
+                at = (attr.atime, attr.atimensec)
+            else:
+                at = omit
+            if valid & abi.FATTR_MTIME_NOW:
+                mt = now
+            elif valid & abi.FATTR_MTIME:
+                mt = (attr.mtime, attr.mtimensec)
+            else:
+                mt = omit
+            syscalls.utimens_fd(fd, at, mt)
+        return os.fstat(fd)
+
+    def readlink(self, nodeid: int) -> bytes:
+        return os.readlink(b"", dir_fd=self.inodes.fd(nodeid))
+
+    def access(self, ctx: Context, nodeid: int, mask: int) -> None:
+        st = os.fstat(self.inodes.fd(nodeid))
+        if mask & os.W_OK and self.readonly:
+            raise _erofs()
+        if not _permits(st, ctx.uid, ctx.gid, mask):
+            raise OSError(errno.EACCES, "permission denied")
+
+    def statfs(self, nodeid: int) -> os.statvfs_result:
+        return os.fstatvfs(self.inodes.fd(nodeid))
+
+    # ------------------------------------------------------------------ namespace changes
+    def mknod(
+        self, ctx: Context, parent: int, name: bytes, mode: int, rdev: int, umask: int
+    ) -> Entry:
+        if self.readonly:
+            raise _erofs()
+        check_name(name)
+        fmt = stat.S_IFMT(mode) or stat.S_IFREG
+        if fmt not in _FMT_TYPES:
+            raise OSError(errno.EINVAL, "bad file type")
+        dev = 0
+        if fmt in (stat.S_IFCHR, stat.S_IFBLK):
+            if not self.options.allow_devices:
+                raise OSError(errno.EPERM, "device nodes not allowed")
+            dev = _decode_dev(rdev)
+        pfd = self.inodes.fd(parent)
+        with GuestCreds(ctx.uid, ctx.gid):
+            os.mknod(name, fmt | self._create_perm(mode, umask), dev, dir_fd=pfd)
+        return self._lookup_at(pfd, name)
+
+    def mkdir(self, ctx: Context, parent: int, name: bytes, mode: int, umask: int) -> Entry:
+        if self.readonly:
+            raise _erofs()
+        check_name(name)
+        pfd = self.inodes.fd(parent)
+        with GuestCreds(ctx.uid, ctx.gid):
+            os.mkdir(name, self._create_perm(mode, umask), dir_fd=pfd)
+        return self._lookup_at(pfd, name)
+
+    def symlink(self, ctx: Context, parent: int, name: bytes, target: bytes) -> Entry:
+        if self.readonly:
+            raise _erofs()
+        check_name(name)
+        if not target:
+            raise OSError(errno.ENOENT, "empty symlink target")
+        if len(target) >= _PATH_MAX:
+            raise OSError(errno.ENAMETOOLONG, "symlink target too long")
+        pfd = self.inodes.fd(parent)
+        with GuestCreds(ctx.uid, ctx.gid):
+            os.symlink(target, name, dir_fd=pfd)
+        return self._lookup_at(pfd, name)
+
+    def link(self, nodeid: int, newparent: int, newname: bytes) -> Entry:
+        if self.readonly:
+            raise _erofs()
+        check_name(newname)
+        fd = self.inodes.fd(nodeid)
+        pfd = self.inodes.fd(newparent)
+        # linkat via the magic link links the inode itself (a symlink stays a symlink).
+        os.link(b"%d" % fd, newname, src_dir_fd=self._proc_fd, dst_dir_fd=pfd,
+                follow_symlinks=True)
+        return self._lookup_at(pfd, newname)
+
+    def unlink(self, parent: int, name: bytes) -> None:
+        if self.readonly:
+            raise _erofs()
+        check_name(name)
+        os.unlink(name, dir_fd=self.inodes.fd(parent))
+
+    def rmdir(self, parent: int, name: bytes) -> None:
+        if self.readonly:
+            raise _erofs()
+        check_name(name)
+        os.rmdir(name, dir_fd=self.inodes.fd(parent))
+
+    def rename(
+        self, olddir: int, oldname: bytes, newdir: int, newname: bytes, flags: int
+    ) -> None:
+        if self.readonly:
+            raise _erofs()
+        check_name(oldname)
+        check_name(newname)
+        if flags & ~(abi.RENAME_NOREPLACE | abi.RENAME_EXCHANGE):
+            raise OSError(errno.EINVAL, "unsupported rename flags")
+        ofd = self.inodes.fd(olddir)
+        nfd = self.inodes.fd(newdir)
+        if flags:
+            syscalls.renameat2(ofd, oldname, nfd, newname, flags)
+        else:
+            os.rename(oldname, newname, src_dir_fd=ofd, dst_dir_fd=nfd)
+
+    # ------------------------------------------------------------------ files
+    def open(self, nodeid: int, flags: int) -> Opened:
+        oflags = self._open_flags(flags)
+        if self.readonly and (oflags & os.O_ACCMODE != os.O_RDONLY or oflags & os.O_TRUNC):
+            raise _erofs()
+        fd = self._reopen_regular(self.inodes.fd(nodeid), oflags)
+        return Opened(self.handles.add(Handle(fd, nodeid, oflags, False)), self._file_fopen)
+
+    def create(
+        self, ctx: Context, parent: int, name: bytes, mode: int, flags: int, umask: int
+    ) -> tuple[Entry, Opened]:
+        if self.readonly:
+            raise _erofs()
+        check_name(name)
+        pfd = self.inodes.fd(parent)
+        oflags = self._open_flags(flags)
+        try:
+            # O_EXCL first: an existing name is never opened blindly (it may be a FIFO or a
+            # device node, whose open could block or act on the host).
+            with GuestCreds(ctx.uid, ctx.gid):
+                fd = os.open(name, oflags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                             self._create_perm(mode, umask), dir_fd=pfd)
+            try:
+                opath = os.open(b"%d" % fd, os.O_PATH | os.O_CLOEXEC, dir_fd=self._proc_fd)
+            except BaseException:
+                os.close(fd)
+                raise
+        except FileExistsError:
+            if flags & os.O_EXCL:
+                raise
+            fd, opath = self._open_existing(ctx, pfd, name, oflags)
+        try:
+            entry = self._entry_of(opath)
+        except BaseException:
+            os.close(fd)
+            raise
+        fh = self.handles.add(Handle(fd, entry.nodeid, oflags, False))
+        return entry, Opened(fh, self._file_fopen)
+
+    def _open_existing(self, ctx: Context, pfd: int, name: bytes, oflags: int) -> tuple[int, int]:
+        """CREATE without O_EXCL on an existing name: open it as OPEN would, after checking
+        the caller's permission (the guest skips that check for FUSE creates)."""
+        opath = os.open(name, _O_PATH, dir_fd=pfd)
+        try:
+            st = os.fstat(opath)
+            acc = oflags & os.O_ACCMODE
+            mask = (os.R_OK if acc != os.O_WRONLY else 0) | (os.W_OK if acc != os.O_RDONLY else 0)
+            if oflags & os.O_TRUNC:
+                mask |= os.W_OK
+            if stat.S_ISREG(st.st_mode) and not _permits(st, ctx.uid, ctx.gid, mask):
+                raise OSError(errno.EACCES, "permission denied")
+            return self._reopen_regular(opath, oflags), opath
+        except BaseException:
+            os.close(opath)
+            raise
+
+    def read(self, nodeid: int, fh: int, offset: int, bufs: list[memoryview]) -> int:
+        h = self.handles.get(fh)
+        if h.is_dir:
+            raise OSError(errno.EISDIR, "is a directory")
+        if not bufs:
+            return 0
+        if offset > _OFF_MAX:
+            raise OSError(errno.EINVAL, "offset out of range")
+        return os.preadv(h.fd, bufs, offset)
+
+    def write(
+        self, nodeid: int, fh: int, offset: int, bufs: list[memoryview], write_flags: int
+    ) -> int:
+        if self.readonly:
+            raise _erofs()
+        h = self.handles.get(fh)
+        if h.is_dir:
+            raise OSError(errno.EISDIR, "is a directory")
+        if not bufs:
+            return 0
+        if offset > _OFF_MAX:
+            raise OSError(errno.EINVAL, "offset out of range")
+        # An O_APPEND fd appends whatever the offset (Linux pwrite semantics), as the guest
+        # expects without writeback caching.
+        return os.pwritev(h.fd, bufs, offset)
+
+    def flush(self, nodeid: int, fh: int, lock_owner: int) -> None:
+        # close() of a duplicate runs the file system's flush (NFS, POSIX lock release)
+        # without losing the handle, as virtiofsd does.
+        os.close(os.dup(self.handles.get(fh).fd))
+
+    def release(self, nodeid: int, fh: int, flags: int, release_flags: int) -> None:
+        os.close(self.handles.pop(fh).fd)
+
+    def fsync(self, nodeid: int, fh: int, datasync: bool) -> None:
+        fd = self.handles.get(fh).fd
+        if datasync:
+            os.fdatasync(fd)
+        else:
+            os.fsync(fd)
+
+    def fallocate(self, nodeid: int, fh: int, offset: int, length: int, mode: int) -> None:
+        if self.readonly:
+            raise _erofs()
+        if offset > _OFF_MAX or length > _OFF_MAX:
+            raise OSError(errno.EINVAL, "offset out of range")
+        syscalls.fallocate(self.handles.get(fh).fd, mode, offset, length)
+
+    def lseek(self, nodeid: int, fh: int, offset: int, whence: int) -> int:
+        if offset > _OFF_MAX or whence not in (0, 1, 2, os.SEEK_DATA, os.SEEK_HOLE):
+            raise OSError(errno.EINVAL, "bad lseek")
+        return os.lseek(self.handles.get(fh).fd, offset, whence)
+
+    def copy_file_range(
+        self, fh_in: int, off_in: int, nodeid_out: int, fh_out: int, off_out: int,
+        length: int, flags: int,
+    ) -> int:
+        if self.readonly:
+            raise _erofs()
+        if flags:
+            raise OSError(errno.EINVAL, "copy_file_range flags")
+        src = self.handles.get(fh_in)
+        dst = self.handles.find(fh_out)
+        if dst is None:
+            # Owned by another worker: EXDEV makes the guest fall back to read/write.
+            raise OSError(errno.EXDEV, "destination handle owned elsewhere")
+        if off_in > _OFF_MAX or off_out > _OFF_MAX:
+            raise OSError(errno.EINVAL, "offset out of range")
+        return os.copy_file_range(src.fd, dst.fd, length, off_in, off_out)
+
+    def syncfs(self, nodeid: int) -> None:
+        syscalls.syncfs(self._root_mount_fd)
+
+    # ------------------------------------------------------------------ directories
+    def opendir(self, nodeid: int, flags: int) -> Opened:
+        fd = os.open(".", _O_DIR, dir_fd=self.inodes.fd(nodeid))
+        return Opened(self.handles.add(Handle(fd, nodeid, _O_DIR, True)), self._dir_fopen)
+
+    def _dir_handle(self, fh: int) -> Handle:
+        h = self.handles.get(fh)
+        if not h.is_dir:
+            raise OSError(errno.ENOTDIR, "not a directory handle")
+        return h
+
+    def readdir(self, nodeid: int, fh: int, offset: int) -> Iterator[DirEntry]:
+        """Host entries from cookie `offset` on; cookies are the host's own d_off values
+        (stable, non-zero, and what telldir/seekdir use), so no per-handle snapshot."""
+        h = self._dir_handle(fh)
+        os.lseek(h.fd, offset - (1 << 64) if offset > _OFF_MAX else offset, os.SEEK_SET)
+        return self._dirents(h.fd)
+
+    def _dirents(self, fd: int) -> Iterator[DirEntry]:
+        buf = self._dirbuf
+        unpack = _DIRENT64.unpack_from
+        while True:
+            n = syscalls.getdents64(fd, buf)
+            if n == 0:
+                return
+            data = ctypes.string_at(buf, n)
+            pos = 0
+            while pos < n:
+                ino, off, reclen, dtype = unpack(data, pos)
+                end = data.index(b"\0", pos + 19, pos + reclen)
+                yield ino, off, dtype, data[pos + 19:end]
+                pos += reclen
+
+    def readdir_lookup(self, nodeid: int, fh: int, name: bytes) -> Entry:
+        check_lookup_name(name)
+        return self._lookup_at(self._dir_handle(fh).fd, name)
+
+    def releasedir(self, nodeid: int, fh: int) -> None:
+        os.close(self.handles.pop(fh).fd)
+
+    def fsyncdir(self, nodeid: int, fh: int, datasync: bool) -> None:
+        fd = self._dir_handle(fh).fd
+        if datasync:
+            os.fdatasync(fd)
+        else:
+            os.fsync(fd)
+
+    # ------------------------------------------------------------------ xattrs
+    def _xattr_path(self, nodeid: int) -> str:
+        if not self.options.xattr:
+            raise OSError(errno.ENOSYS, "xattrs disabled")
+        # Path ops on the magic link reach the inode itself, symlinks included.
+        return f"/proc/self/fd/{self.inodes.fd(nodeid)}"
+
+    @staticmethod
+    def _check_xattr_name(name: bytes) -> None:
+        if not name:
+            raise OSError(errno.EINVAL, "empty xattr name")
+        if len(name) > _XATTR_NAME_MAX:
+            raise OSError(errno.ERANGE, "xattr name too long")
+
+    def setxattr(self, nodeid: int, name: bytes, value: bytes, flags: int) -> None:
+        path = self._xattr_path(nodeid)
+        if self.readonly:
+            raise _erofs()
+        self._check_xattr_name(name)
+        if len(value) > _XATTR_SIZE_MAX:
+            raise OSError(errno.E2BIG, "xattr value too large")
+        os.setxattr(path, name, value, flags)
+
+    def getxattr(self, nodeid: int, name: bytes) -> bytes:
+        path = self._xattr_path(nodeid)
+        self._check_xattr_name(name)
+        return os.getxattr(path, name)
+
+    def listxattr(self, nodeid: int) -> bytes:
+        names = os.listxattr(self._xattr_path(nodeid))
+        return b"".join(os.fsencode(n) + b"\0" for n in names)
+
+    def removexattr(self, nodeid: int, name: bytes) -> None:
+        path = self._xattr_path(nodeid)
+        if self.readonly:
+            raise _erofs()
+        self._check_xattr_name(name)
+        os.removexattr(path, name)
