@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable
 
@@ -63,7 +64,7 @@ class WorkerPool:
         self.options = options
         self.completion_doorbell = completion_doorbell
         self.slots = [WorkerSlot(i) for i in range(size)]
-        self.close_in_child: Callable[[], tuple[int, ...]] = tuple
+        self.close_in_child: Callable[[], tuple[int | socket.socket, ...]] = tuple
 
     def spawn(self, slot: WorkerSlot) -> None:
         channel = slot.channel

@@ -151,17 +151,14 @@ class Supervisor:
             "export": shared, "socket": socket_name, "workers": len(self.pool.slots),
             "cache": self.settings.cache}})
 
-    def _supervisor_fds(self) -> tuple[int, ...]:
-        fds = [self.epoll.fileno(), self._signal_r.fileno(), self._signal_w.fileno()]
-        if self.listener is not None:
-            fds.append(self.listener.fileno())
-        if self.conn is not None:
-            fds.append(self.conn.fileno())
-        fds.extend(self.kick_fds)
+    def _supervisor_fds(self) -> tuple[int | socket.socket, ...]:
+        """What a freshly forked worker must close: everything only the supervisor uses."""
+        fds: list[int | socket.socket] = [self.epoll.fileno(), self._signal_r, self._signal_w,
+                                          *self.kick_fds]
+        fds += [s for s in (self.listener, self.conn) if s is not None]
         assert self.pool is not None
-        for slot in self.pool.slots:
-            if slot.channel.control is not None:
-                fds.append(slot.channel.control.fileno())
+        fds += [s.channel.control for s in self.pool.slots
+                if s.channel.control is not None and s.channel.worker_control is None]
         return tuple(fds)
 
     def _watch(self, slot: WorkerSlot) -> None:

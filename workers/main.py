@@ -10,6 +10,7 @@ import logging
 import os
 import select
 import signal
+import socket
 import time
 from dataclasses import dataclass
 
@@ -19,8 +20,9 @@ from vfsd.dispatch.ring import pack_completion, unpack_request
 from vfsd.fs.inode_table import InodeTable
 from vfsd.fuse.init import Session
 from vfsd.fuse.options import FsOptions
+from vfsd.transport import GuestProtocolError
 from vfsd.transport.memory import GuestMemory, MemRegion
-from vfsd.transport.virtqueue import GuestProtocolError, read_chain
+from vfsd.transport.virtqueue import read_chain
 from workers.passthrough.fs import PassthroughFs
 from workers.server import FuseServer
 
@@ -41,7 +43,7 @@ class WorkerSpec:
     completion_doorbell: int
     table: InodeTable
     options: FsOptions
-    close_fds: tuple[int, ...]  # supervisor-only fds inherited through fork
+    close_fds: tuple[int | socket.socket, ...]  # supervisor-only fds inherited through fork
 
 
 class Worker:
@@ -134,6 +136,8 @@ class Worker:
                         pass
                 if self.control in readable:
                     self.poll_control()
+                if not readable:  # idle: let go of fds of inodes the guest forgot
+                    self.server.sweep()
         # STOP: serve whatever was queued before it.
         records = requests.pop_all()
         if records:
@@ -145,13 +149,14 @@ def run(spec: WorkerSpec) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    for fd in spec.close_fds:
+    own_end = spec.channel.control
+    for fd in (*spec.close_fds, *((own_end,) if own_end is not None else ())):
+        # detach() so a socket object left in the forked copy never closes a reused number
         try:
-            os.close(fd)
+            os.close(fd.detach() if isinstance(fd, socket.socket) else fd)
         except OSError:
             pass
-    if spec.channel.control is not None:
-        spec.channel.control.close()
+    spec.channel.control = None
     try:
         spec.table.open_locks()
         fs = PassthroughFs(spec.options, spec.table, spec.index, spec.incarnation)
