@@ -41,6 +41,7 @@ WORKDIR = Path("/var/tmp/vfsd-demo")
 DEFAULT_EXPORT = WORKDIR / "export"
 MNT = "/mnt/vfs"
 TAG = "vfs"
+FIO_FILE = ".vfsd-demo-fio.bin"  # the throughput test's scratch file in the export
 GUEST_NAME = "vfsd-demo"
 SOCKET_WAIT = 30.0  # s for the daemon to create its socket
 CMD_TIMEOUT = 120.0  # s per transcript command
@@ -273,7 +274,7 @@ def run_transcript(guest: Guest, export: Path, keep_mounted: bool, problems: lis
         say(f"cat: {e.strerror or e}")
         problems.append(f"the guest's file is not visible on the host ({host_file})")
     transcript_cmd(guest, f"df -h {MNT}")
-    blob = f"{MNT}/.vfsd-demo-fio.bin"
+    blob = f"{MNT}/{FIO_FILE}"
     fio = f"fio --filename={blob} --bs=1M --size=64M"
     rc, _ = transcript_cmd(
         guest, f"{fio} --name=write --rw=write --end_fsync=1 2>&1 | grep -E 'WRITE:|error'"
@@ -555,7 +556,10 @@ class Demo:
                         if rc != 0:
                             say(f"[exit {rc}]")
                     except GuestError as e:
-                        say(f"(umount: {first_part(e).splitlines()[0]})", file=sys.stderr)
+                        if g.alive:
+                            say(f"(umount: {first_part(e).splitlines()[0]})", file=sys.stderr)
+                        else:
+                            note("QEMU has already stopped (Ctrl-C reaches it too)")
                 self.mounted = False
                 if g.alive:
                     note("powering off the guest")
@@ -567,6 +571,9 @@ class Demo:
             if g is not None and g.alive and g.pid is not None:
                 with contextlib.suppress(OSError):
                     os.kill(g.pid, signal.SIGKILL)  # the Guest's finalizer reaps it
+        if g is not None:
+            with contextlib.suppress(OSError):
+                (self.export / FIO_FILE).unlink()  # if the transcript was cut short
         # The last step must not be cut short: hold further signals until the daemon is gone.
         blocked = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
         old = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
