@@ -28,7 +28,8 @@ from vfsd.fuse.options import FsOptions
 from vfsd.pool import HaltServer, WorkerPool, WorkerSlot
 from vfsd.transport import FramingError, GuestProtocolError
 from vfsd.transport.backend import VhostUserBackend
-from vfsd.transport.connection import PeerClosed, recv_message, send_message
+from vfsd.transport.codec import decode
+from vfsd.transport.connection import PeerClosed, recv_frame, send_message
 from vfsd.transport.memory import GuestMemory
 from vfsd.transport.virtqueue import Vring, peek_chain, read_chain
 
@@ -243,7 +244,8 @@ class Supervisor:
     def handle_vhost_message(self) -> None:
         assert self.conn is not None and self.backend is not None
         try:
-            message = recv_message(self.conn)
+            header, payload, fds = recv_frame(self.conn)
+            message = decode(header, payload, fds)
         except PeerClosed:
             log.info("front-end disconnected; exiting")
             self.running = False
@@ -253,10 +255,10 @@ class Supervisor:
             self.running = False
             self.exit_code = 1
             return
-        except GuestProtocolError as e:
-            log.error("malformed vhost-user message: %s", e)
-            return
-        reply = self.backend.handle(message)
+        except GuestProtocolError as e:  # payload undecodable; the stream is still in sync
+            reply = self.backend.reject(header, str(e))
+        else:
+            reply = self.backend.handle(message)
         if reply is not None:
             send_message(self.conn, reply)
 

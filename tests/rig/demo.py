@@ -190,23 +190,39 @@ class Daemon:
 
     def stop(self, grace: float = 3.0, term_wait: float = 15.0) -> None:
         """Let it exit on its own for ``grace`` s (it does once QEMU disconnects), then
-        SIGTERM, then SIGKILL."""
+        SIGTERM, then SIGKILL; finally SIGKILL anything left in its process group (its
+        session is its own, so that is only its own helpers, e.g. orphaned workers)."""
         proc = self.proc
-        if proc is None or proc.poll() is not None:
+        if proc is None:
             return
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(grace)
-            return
-        self.stopped_by_us = True
-        with contextlib.suppress(OSError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(term_wait)
-        except subprocess.TimeoutExpired:
-            say(f"{self.name} ignored SIGTERM for {term_wait:g} s; killing it", file=sys.stderr)
-            with contextlib.suppress(OSError):
-                proc.kill()
-            proc.wait()
+        if proc.poll() is None:
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.stopped_by_us = True
+                with contextlib.suppress(OSError):
+                    proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(term_wait)
+                except subprocess.TimeoutExpired:
+                    say(f"{self.name} ignored SIGTERM for {term_wait:g} s; killing it",
+                        file=sys.stderr)
+                    with contextlib.suppress(OSError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+        deadline = time.monotonic() + 2.0
+        while True:
+            try:
+                os.killpg(proc.pid, 0)
+            except OSError:
+                return  # the group is empty
+            if time.monotonic() > deadline:
+                say(f"killing processes {self.name} left behind (process group {proc.pid})",
+                    file=sys.stderr)
+                with contextlib.suppress(OSError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                return
+            time.sleep(0.05)
 
 
 class Watchdog(threading.Thread):
@@ -578,9 +594,11 @@ class Demo:
         blocked = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
         old = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
         try:
+            grace = 3.0 if g is not None else 0.0
             if self.daemon.alive:
-                note(f"stopping {self.daemon.name}")
-                self.daemon.stop(grace=3.0 if g is not None else 0.0)
+                note(f"waiting for {self.daemon.name} to exit (SIGTERM after {grace:g} s)"
+                     if grace else f"stopping {self.daemon.name} (SIGTERM)")
+            self.daemon.stop(grace=grace)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
 

@@ -179,12 +179,15 @@ class GuestRam:
         return sum(self._sizes.values())
 
     def close(self) -> None:
+        if self.fd < 0:
+            return
         self._buf.release()
         try:
             self._mm.close()
         except BufferError:
             pass  # a view is still alive; unmapped when it goes
         os.close(self.fd)
+        self.fd = -1
 
 
 # -- the driver side of one split virtqueue --------------------------------------------------

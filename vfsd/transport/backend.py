@@ -39,6 +39,7 @@ from vfsd.transport.abi import (
 )
 from vfsd.transport.codec import (
     AddMemReg,
+    RawPayload,
     RemMemReg,
     SetMemTable,
     U64Payload,
@@ -50,6 +51,7 @@ from vfsd.transport.codec import (
     encode_ack,
     encode_state_reply,
     encode_u64_reply,
+    parse_header,
 )
 from vfsd.transport.memory import GuestMemory
 from vfsd.transport.virtqueue import Vring
@@ -201,6 +203,12 @@ class VhostUserBackend:
             return self._ack(message, ok=True)
         finally:
             close_fds(message.fds)
+
+    def reject(self, header: bytes, reason: str) -> bytes | None:
+        """A frame whose payload could not be decoded: count it, and fail the ack if asked."""
+        request, flags, size = parse_header(header)
+        stub = VhostUserMessage(request, flags, RawPayload(b""))
+        return self._refuse(stub, f"{reason} ({size}-byte payload)")
 
     def _check(self, rule: Rule, message: VhostUserMessage) -> None:
         if rule.owner and not self.owned:
