@@ -32,6 +32,7 @@ from vfsd.transport.codec import decode
 from vfsd.transport.connection import PeerClosed, recv_frame, send_message
 from vfsd.transport.memory import GuestMemory
 from vfsd.transport.virtqueue import Vring, peek_chain, read_chain
+from workers.passthrough.fs import ExportError, check_export
 
 log = logging.getLogger("vfsd.supervisor")
 
@@ -132,6 +133,10 @@ class Supervisor:
         shared = self.settings.shared_dir
         if not shared or not os.path.isdir(shared):
             raise StartupError(f"shared directory {shared!r} does not exist or is not a directory")
+        try:
+            check_export(shared)
+        except ExportError as e:
+            raise StartupError(str(e)) from e
         self.listener = listen(self.settings)
         self.table = InodeTable.create(self.settings.inode_capacity)
         self.pool = WorkerPool(self.settings.worker_count, self.table, self.options,

@@ -9,15 +9,19 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import socket
 import struct
+import subprocess
+import sys
 import time
 
 import pytest
 
-from tests.daemon.conftest import REQUEST_QUEUE, connect
-from tests.daemon_proc import Daemon
-from tests.unit.fusereq import attr, build, entry, open_fh, parse_dirents
+from tests.daemon.conftest import REQUEST_QUEUE, Session, VhostServer, connect
+from tests.daemon_proc import REPO, Daemon
+from tests.unit.fusereq import FuseClient, attr, build, entry, open_fh, parse_dirents
 from vfsd.dispatch.fh import fh_owner
+from vfsd.frontend.vhost_client import VhostUserClient
 from vfsd.fuse import abi
 from vfsd.fuse.abi import Opcode
 from vfsd.transport.abi import VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VhostUserRequest
@@ -266,8 +270,6 @@ def test_killed_worker_is_replaced_and_service_continues(tmp_path):
     (export / "f").write_text("data")
     with Daemon(tmp_path, export, workers=2) as daemon:
         client = connect(daemon, num_queues=2)
-        from tests.daemon.conftest import Session
-
         s = Session(daemon, client)
         ok(s.fuse.init())
         nodeid, _ = entry(ok(s.fuse.lookup(1, b"f")))
@@ -302,26 +304,79 @@ def _alive(pid):
         return False
 
 
-@pytest.mark.parametrize("problem", ["missing-dir", "socket-in-use"])
-def test_startup_errors_are_one_line(tmp_path, problem):
-    import subprocess
-    import sys
-
-    from tests.daemon_proc import REPO
-
+@pytest.mark.parametrize(("problem", "message"), [
+    ("missing-dir", "does not exist"),
+    ("socket-in-use", "is in use"),
+    ("no-file-handles", "no file-handle support"),
+    ("no-socket", "give --socket-path"),
+])
+def test_startup_errors_are_one_line(tmp_path, problem, message):
     export = tmp_path / "export"
     sock = tmp_path / "s.sock"
-    if problem == "socket-in-use":
+    args = ["--socket-path", str(sock), "--shared-dir", str(export)]
+    if problem != "missing-dir":
         export.mkdir()
-        import socket as socketmod
-
-        holder = socketmod.socket(socketmod.AF_UNIX)
+    if problem == "socket-in-use":
+        holder = socket.socket(socket.AF_UNIX)
         holder.bind(str(sock))
         holder.listen(1)
-    proc = subprocess.run([sys.executable, "-m", "vfsd", "--socket-path", str(sock),
-                           "--shared-dir", str(export)], capture_output=True, text=True,
-                          cwd=REPO, timeout=30)
+    elif problem == "no-file-handles":
+        args[-1] = "/proc"  # procfs has no export operations
+    elif problem == "no-socket":
+        args = args[2:]
+    proc = subprocess.run([sys.executable, "-m", "vfsd", *args], capture_output=True,
+                          text=True, cwd=REPO, timeout=30)
     assert proc.returncode != 0
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("vfsd: "), proc.stderr
-    assert ("does not exist" if problem == "missing-dir" else "in use") in lines[0]
+    assert message in lines[0]
+    if problem == "socket-in-use":
+        holder.close()
+
+
+def test_listening_fd_from_the_caller(tmp_path):
+    """--fd: a launcher (libvirt, systemd) hands vfsd an already-listening socket."""
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "via-fd").write_text("ok")
+    path = str(tmp_path / "passed.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    log = open(tmp_path / "vfsd.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "vfsd", "--fd", str(listener.fileno()),
+                             "--shared-dir", str(export), "--workers", "2"],
+                            pass_fds=[listener.fileno()], stdout=log, stderr=log, cwd=REPO)
+    listener.close()
+    try:
+        client = VhostUserClient.connect(path, num_queues=2)
+        client.realize()
+        client.start()
+        fuse = Session(None, client).fuse
+        ok(fuse.init())
+        nodeid, _ = entry(ok(fuse.lookup(1, b"via-fd")))
+        fh, _ = open_fh(ok(fuse.open(nodeid)))
+        assert ok(fuse.read(nodeid, fh, 0, 10)).body == b"ok"
+        client.close()
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def test_second_request_queue(tmp_path):
+    """num-request-queues > 1: a request on queue 2 is served like one on queue 1."""
+    export = tmp_path / "export"
+    export.mkdir()
+    with Daemon(tmp_path, export, workers=2) as daemon:
+        client = connect(daemon, num_queues=3)
+        fuse1 = Session(daemon, client).fuse
+        ok(fuse1.init())
+        fuse2 = FuseClient(VhostServer(client, queue=2))
+        assert attr(ok(fuse2.getattr(1)))[0] == os.stat(export).st_ino
+        ok(fuse2.mkdir(1, b"from-queue-2"))
+        assert (export / "from-queue-2").is_dir()
+        client.close()
+        assert daemon.wait(10) == 0

@@ -21,7 +21,7 @@ import stat
 import struct
 from collections.abc import Iterator
 
-from vfsd.fs.inode_table import ROOT_ID, InodeTable
+from vfsd.fs.inode_table import ROOT_ID, FileHandle, InodeTable
 from vfsd.fuse import abi
 from vfsd.fuse.abi import InitFlags
 from vfsd.fuse.init import Session
@@ -112,6 +112,47 @@ def _raise_nofile_limit() -> int:
     return soft
 
 
+def open_export(shared_dir: str) -> tuple[int, os.stat_result, FileHandle, int, int]:
+    """Open the export and prove that inodes can be shared between workers by file handle.
+
+    Returns (root O_PATH fd, its stat, its handle, its mnt_id, a mount fd for
+    open_by_handle_at). Raises ExportError with a one-line reason.
+    """
+    try:
+        root_fd = os.open(shared_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise ExportError(f"cannot open shared dir {shared_dir!r}: {e.strerror}") from e
+    try:
+        st = os.fstat(root_fd)
+        try:
+            handle, mnt_id = handle_of_fd(root_fd)
+        except NoHandleSupport as e:
+            raise ExportError(
+                f"{shared_dir!r}: its file system has no file-handle support "
+                "(name_to_handle_at: EOPNOTSUPP); multi-worker vfsd needs it to share "
+                "inodes between workers"
+            ) from e
+        mount_fd = os.open(".", _O_DIR, dir_fd=root_fd)
+        try:
+            os.close(open_by_handle(mount_fd, handle, os.O_PATH))
+        except PermissionError as e:
+            os.close(mount_fd)
+            raise ExportError(
+                "open_by_handle_at refused (needs CAP_DAC_READ_SEARCH, i.e. run as root)"
+            ) from e
+    except BaseException:
+        os.close(root_fd)
+        raise
+    return root_fd, st, handle, mnt_id, mount_fd
+
+
+def check_export(shared_dir: str) -> None:
+    """Start-up check in the supervisor: raises ExportError if workers could not serve it."""
+    root_fd, _st, _handle, _mnt_id, mount_fd = open_export(shared_dir)
+    os.close(mount_fd)
+    os.close(root_fd)
+
+
 class PassthroughFs(FileSystem):
     """FUSE ops over `options.shared_dir`; one instance per worker process."""
 
@@ -143,31 +184,8 @@ class PassthroughFs(FileSystem):
         nofile = _raise_nofile_limit()
         self._proc_fd = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            root_fd = os.open(options.shared_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError as e:
-            os.close(self._proc_fd)
-            raise ExportError(f"cannot open shared dir {options.shared_dir!r}: {e}") from e
-        try:
-            st = os.fstat(root_fd)
-            try:
-                handle, mnt_id = handle_of_fd(root_fd)
-            except NoHandleSupport as e:
-                raise ExportError(
-                    f"{options.shared_dir!r}: its file system has no file-handle support "
-                    "(name_to_handle_at: EOPNOTSUPP); multi-worker vfsd needs it to share "
-                    "inodes between workers"
-                ) from e
-            self._root_mount_fd = os.open(".", _O_DIR, dir_fd=root_fd)
-            try:
-                probe = open_by_handle(self._root_mount_fd, handle, os.O_PATH)
-            except PermissionError as e:
-                os.close(self._root_mount_fd)
-                raise ExportError(
-                    "open_by_handle_at refused (needs CAP_DAC_READ_SEARCH, i.e. run as root)"
-                ) from e
-            os.close(probe)
+            root_fd, st, handle, mnt_id, self._root_mount_fd = open_export(options.shared_dir)
         except BaseException:
-            os.close(root_fd)
             os.close(self._proc_fd)
             raise
         self.mounts = MountFds(self._proc_fd)
