@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from vfsd.fuse.options import FsOptions
+
 
 class ConfigError(Exception):
     """A setting is unknown, of the wrong type or out of range."""
@@ -83,6 +85,19 @@ class Settings:
     @property
     def worker_count(self) -> int:
         return self.workers or os.cpu_count() or 1
+
+    def fs_options(self) -> FsOptions:
+        """The subset of settings the FUSE session and the passthrough file system use."""
+        assert self.shared_dir is not None
+        return FsOptions(
+            shared_dir=self.shared_dir,
+            cache=self.cache,  # type: ignore[arg-type]  # validated against its choices
+            xattr=self.xattr,
+            readonly=self.readonly,
+            allow_devices=self.allow_devices,
+            writeback=self.writeback,
+            readdirplus=self.readdirplus,
+        )
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)

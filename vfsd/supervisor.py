@@ -24,7 +24,6 @@ from vfsd.dispatch.ring import RingFull, pack_request, unpack_completion
 from vfsd.fs.inode_table import InodeTable
 from vfsd.fuse import abi
 from vfsd.fuse.init import negotiate
-from vfsd.fuse.options import FsOptions
 from vfsd.pool import HaltServer, WorkerPool, WorkerSlot
 from vfsd.transport import FramingError, GuestProtocolError
 from vfsd.transport.backend import VhostUserBackend
@@ -53,19 +52,6 @@ _SUPERVISOR_OPS = {abi.Opcode.INIT, abi.Opcode.DESTROY, abi.Opcode.FORGET,
 
 class StartupError(Exception):
     """A start-up problem reported as one line with a non-zero exit code."""
-
-
-def fs_options(settings: Settings) -> FsOptions:
-    assert settings.shared_dir is not None
-    return FsOptions(
-        shared_dir=settings.shared_dir,
-        cache=settings.cache,
-        xattr=settings.xattr,
-        readonly=settings.readonly,
-        allow_devices=settings.allow_devices,
-        writeback=settings.writeback,
-        readdirplus=settings.readdirplus,
-    )
 
 
 def write_reply(writable: list[memoryview], data: bytes) -> int:
@@ -111,7 +97,7 @@ def listen(settings: Settings) -> socket.socket:
 class Supervisor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.options = fs_options(settings)
+        self.options = settings.fs_options()
         self.listener: socket.socket | None = None
         self.conn: socket.socket | None = None
         self.epoll = select.epoll()
