@@ -8,6 +8,7 @@ chain is routed by its fuse_in_header (and fh) to a worker ring, once-per-batch 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -17,8 +18,12 @@ import socket
 import struct
 import time
 
+import orjson
+
+from vfsd import __version__, status
 from vfsd.config import Settings
 from vfsd.dispatch import control
+from vfsd.dispatch.channel import CB_HEARTBEAT_NS, CB_SERVED
 from vfsd.dispatch.fh import fh_owner
 from vfsd.dispatch.ring import RingFull, pack_request, unpack_completion
 from vfsd.fs.inode_table import InodeTable
@@ -66,6 +71,24 @@ def write_reply(writable: list[memoryview], data: bytes) -> int:
     return pos
 
 
+def listen_status(path: str) -> socket.socket:
+    """The `vfsd status` socket; a stale file from a dead vfsd is replaced."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+    except OSError as e:
+        sock.close()
+        raise StartupError(f"cannot create status socket {path}: {e.strerror}") from e
+    os.chmod(path, 0o600)
+    sock.listen(8)
+    sock.setblocking(False)
+    return sock
+
+
 def listen(settings: Settings) -> socket.socket:
     if settings.socket_fd is not None:
         sock = socket.socket(fileno=settings.socket_fd)
@@ -85,12 +108,19 @@ def listen(settings: Settings) -> socket.socket:
             raise StartupError(f"socket path {path} is in use by another process")
         finally:
             probe.close()
+    # Bind under a temporary name and rename once listening: whoever waits for the socket
+    # file to appear (QEMU's launcher, a test) must never find it refusing connections.
+    tmp = f"{path}.{os.getpid()}.tmp"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.bind(path)
+        sock.bind(tmp)
+        sock.listen(1)
+        os.rename(tmp, path)
     except OSError as e:
+        sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         raise StartupError(f"cannot listen on {path}: {e.strerror}") from e
-    sock.listen(1)
     return sock
 
 
@@ -109,6 +139,9 @@ class Supervisor:
         self.kick_fds: dict[int, Vring] = {}  # kick fd -> ring
         self.sentinels: dict[int, WorkerSlot] = {}
         self.session: dict | None = None
+        self.status_listener: socket.socket | None = None
+        self.status_path = ""
+        self.started = time.monotonic()
         self.rr = 0
         self.running = True
         self.exit_code = 0
@@ -124,6 +157,8 @@ class Supervisor:
         except ExportError as e:
             raise StartupError(str(e)) from e
         self.listener = listen(self.settings)
+        self.status_path = status.status_path(self.settings.socket_path, os.getpid())
+        self.status_listener = listen_status(self.status_path)
         self.table = InodeTable.create(self.settings.inode_capacity)
         self.pool = WorkerPool(self.settings.worker_count, self.table, self.options,
                                self.completion_doorbell)
@@ -138,6 +173,7 @@ class Supervisor:
         self.epoll.register(self._signal_r.fileno(), select.EPOLLIN)
         self.epoll.register(self.completion_doorbell, select.EPOLLIN)
         self.epoll.register(self.listener.fileno(), select.EPOLLIN)
+        self.epoll.register(self.status_listener.fileno(), select.EPOLLIN)
         socket_name = self.settings.socket_path or f"fd:{self.settings.socket_fd}"
         log.info("vfsd ready", extra={"fields": {
             "export": shared, "socket": socket_name, "workers": len(self.pool.slots),
@@ -147,7 +183,7 @@ class Supervisor:
         """What a freshly forked worker must close: everything only the supervisor uses."""
         fds: list[int | socket.socket] = [self.epoll.fileno(), self._signal_r, self._signal_w,
                                           *self.kick_fds]
-        fds += [s for s in (self.listener, self.conn) if s is not None]
+        fds += [s for s in (self.listener, self.conn, self.status_listener) if s is not None]
         assert self.pool is not None
         fds += [s.channel.control for s in self.pool.slots
                 if s.channel.control is not None and s.channel.worker_control is None]
@@ -196,6 +232,8 @@ class Supervisor:
                 self.accept()
             elif fd == self._signal_r.fileno():
                 self.handle_signals()
+            elif self.status_listener is not None and fd == self.status_listener.fileno():
+                self.serve_status()
             elif fd in self.sentinels:
                 self.handle_worker_exit(self.sentinels[fd])
             if not self.running:
@@ -545,6 +583,41 @@ class Supervisor:
         if self.session is not None:
             slot.channel.send({"kind": control.SESSION, "session": self.session})
 
+    # vfsd status
+    def snapshot(self) -> dict:
+        assert self.pool is not None and self.table is not None
+        now = time.monotonic_ns()
+        workers, inflight = [], []
+        for slot in self.pool.slots:
+            beat = slot.channel.block[CB_HEARTBEAT_NS]
+            workers.append({
+                "index": slot.index, "pid": slot.pid, "inflight": len(slot.inflight),
+                "served": slot.channel.block[CB_SERVED], "restarts": slot.incarnation - 1,
+                "heartbeat_age_s": round((now - beat) / 1e9, 3) if beat else None})
+            inflight += status.inflight_rows(slot.inflight, slot.index, now)
+        inflight.sort(key=lambda r: -r["age_s"])
+        return {
+            "version": __version__, "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "export": self.settings.shared_dir, "connected": self.conn is not None,
+            "fuse_minor": self.session["minor"] if self.session else None,
+            "inodes": self.table.count(), "workers": workers,
+            "inflight_total": len(inflight), "inflight": inflight[: status.MAX_INFLIGHT_LISTED],
+        }
+
+    def serve_status(self) -> None:
+        assert self.status_listener is not None
+        try:
+            conn, _ = self.status_listener.accept()
+        except BlockingIOError:
+            return
+        with conn:
+            conn.settimeout(1.0)
+            try:
+                conn.sendall(orjson.dumps(self.snapshot()))
+            except OSError as e:
+                log.debug("status client went away: %s", e)
+
     # signals and shutdown
     def handle_signals(self) -> None:
         try:
@@ -570,9 +643,15 @@ class Supervisor:
                      " ".join(f"w{i}={n}" for i, n in enumerate(self.pool.served())))
             self.pool.close()
         signal.set_wakeup_fd(-1)
-        for sock in (self.conn, self.listener, self._signal_r, self._signal_w):
+        for sock in (self.conn, self.listener, self._signal_r, self._signal_w,
+                     self.status_listener):
             if sock is not None:
                 sock.close()
+        if self.status_listener is not None:
+            try:
+                os.unlink(self.status_path)
+            except FileNotFoundError:
+                pass
         if self.listener is not None and self.settings.socket_path:
             try:
                 os.unlink(self.settings.socket_path)
