@@ -14,6 +14,7 @@ PKGS=(
     acl               # getfacl / setfacl (host side checks)
     gcc               # static guest helper programs (tests/guest/progs/*.c)
     libc6-dev         # static libc for the above
+    prometheus        # real Prometheus + promtool for tests/metrics (scrape, rules, queries)
 )
 
 missing=()
