@@ -1,0 +1,24 @@
+# Developer shortcuts. `make bench` runs the standard performance set (docs/PERFORMANCE.md):
+# every workload at queue depth 1 and 16 against vfsd with 1, 2 and 4 workers and against the
+# reference C virtiofsd (QEMU 7.2, one queue thread) when installed, and prints the table.
+# Knobs: BENCH_DURATION (s per run), BENCH_OUT (JSON file), BENCH_ARGS (extra options),
+# VIRTIOFSD (reference binary). Profiling needs `pip install py-spy` (see PERFORMANCE.md).
+
+PYTHON ?= $(shell [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)
+BENCH_DURATION ?= 3
+BENCH_OUT ?= .cache/bench-results.json
+BENCH_ARGS ?=
+VIRTIOFSD ?= /usr/lib/qemu/virtiofsd
+BENCH_DAEMONS = vfsd:1 vfsd:2 vfsd:4 $(if $(wildcard $(VIRTIOFSD)),virtiofsd:0)
+
+.PHONY: bench bench-quick
+
+bench:
+	@mkdir -p $(dir $(BENCH_OUT))
+	$(PYTHON) -m vfsd bench --spawn $(BENCH_DAEMONS) --virtiofsd $(VIRTIOFSD) \
+		--workload all --queue-depth 1 16 --duration $(BENCH_DURATION) \
+		--save $(BENCH_OUT) $(BENCH_ARGS)
+
+# A smoke run of the same set (seconds, not minutes): the numbers mean little.
+bench-quick:
+	$(MAKE) bench BENCH_DURATION=0.3 BENCH_OUT=/dev/null
