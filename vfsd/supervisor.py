@@ -50,6 +50,8 @@ _FORGET_ONE = struct.Struct("<QQ")
 _OUT_HEADER = struct.Struct("<IiQ")
 MAX_BATCH_FORGET = 1 << 16
 QUIESCE_TIMEOUT = 30.0
+# Edge-triggered eventfds are never read: a u64 counter bumped by 1 per write cannot overflow.
+_EDGE = select.EPOLLIN | select.EPOLLET
 
 _SUPERVISOR_OPS = {abi.Opcode.INIT, abi.Opcode.DESTROY, abi.Opcode.FORGET,
                    abi.Opcode.BATCH_FORGET, abi.Opcode.INTERRUPT}
@@ -171,7 +173,7 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, lambda *_: None)  # the wakeup fd carries the number
         self.epoll.register(self._signal_r.fileno(), select.EPOLLIN)
-        self.epoll.register(self.completion_doorbell, select.EPOLLIN)
+        self.epoll.register(self.completion_doorbell, _EDGE)
         self.epoll.register(self.listener.fileno(), select.EPOLLIN)
         self.epoll.register(self.status_listener.fileno(), select.EPOLLIN)
         socket_name = self.settings.socket_path or f"fd:{self.settings.socket_fd}"
@@ -214,18 +216,12 @@ class Supervisor:
         events = self.epoll.poll(timeout)
         self._cancel_sleep()
         for fd, _mask in events:
+            # Kicks and the completion doorbell are edge-triggered (_EDGE): every write wakes
+            # epoll, so their counters need no read — two syscalls less per turn.
             if fd == self.completion_doorbell:
-                try:
-                    os.eventfd_read(fd)
-                except BlockingIOError:
-                    pass
+                pass
             elif fd in self.kick_fds:
-                vring = self.kick_fds[fd]
-                try:
-                    os.eventfd_read(fd)
-                except BlockingIOError:
-                    pass
-                self.process_queue(vring)
+                self.process_queue(self.kick_fds[fd])
             elif self.conn is not None and fd == self.conn.fileno():
                 self.handle_vhost_message()
             elif self.listener is not None and fd == self.listener.fileno():
@@ -312,7 +308,7 @@ class Supervisor:
     def queue_started(self, vring: Vring) -> None:
         if vring.kick_fd is not None and vring.kick_fd not in self.kick_fds:
             self.kick_fds[vring.kick_fd] = vring
-            self.epoll.register(vring.kick_fd, select.EPOLLIN)
+            self.epoll.register(vring.kick_fd, _EDGE)
         if vring.index != HIPRIO and self.pool is not None:
             for slot in self.pool.live():
                 self._send_vring(slot, vring)
@@ -544,6 +540,8 @@ class Supervisor:
                 for slot in pending:
                     self._fail_inflight(slot)
                 return
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(self.completion_doorbell)  # level-reset for select()
             select.select([self.completion_doorbell], [], [], 0.01)
 
     # workers
