@@ -18,11 +18,22 @@ def _bool_flag(parser: argparse.ArgumentParser, name: str, key: str, help: str) 
     group.add_argument(f"--no-{name}", dest=key, action="store_const", const=False)
 
 
+#: File-system settings exposed as virtiofsd-style flags: --NAME / --no-NAME for booleans,
+#: --NAME VALUE otherwise (dashes in the flag, underscores in the setting key).
+_FS_FLAGS = (
+    "cache", "xattr", "xattrmap", "posix_acl", "security_label", "readonly", "allow_devices",
+    "writeback", "allow_direct_io", "readdirplus", "killpriv_v2", "announce_submounts",
+    "inode_file_handles", "translate_uid", "translate_gid", "preserve_noatime", "posix_lock",
+    "flock",
+)
+
+
 def serve_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vfsd",
         description="virtio-fs host daemon: serves a host directory to a VM over vhost-user.",
-        epilog="Other commands: 'vfsd check-config FILE'.",
+        epilog="Other commands: 'vfsd check-config FILE'. Every file-system flag also has a "
+               "'-o' form: -o name=value, -o name, -o no_name (names with underscores).",
     )
     p.add_argument("--version", action="version", version=f"vfsd {__version__}")
     p.add_argument("--config", metavar="FILE", help="YAML settings file")
@@ -32,48 +43,92 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="inherited listening socket fd (instead of --socket-path)")
     p.add_argument("--shared-dir", dest="shared_dir", metavar="DIR", help="directory to export")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT]",
-                   help="virtiofsd-style options: source=DIR, cache=never|auto|always, "
-                        "xattr|no_xattr, readonly")
+                   help="virtiofsd-style options: source=DIR, cache=MODE, xattr|no_xattr, "
+                        "xattrmap=RULES (',' escaped as '\\,'), readonly, ...")
     p.add_argument("--workers", type=int, metavar="N", help="worker processes (default: CPUs)")
     p.add_argument("--thread-pool-size", dest="workers_alias", type=int, metavar="N",
                    help="virtiofsd compatibility: same as --workers")
-    p.add_argument("--cache", choices=("never", "auto", "always"))
-    _bool_flag(p, "xattr", "xattr", "serve extended attributes")
-    _bool_flag(p, "readonly", "readonly", "refuse every write (EROFS)")
+    for key in _FS_FLAGS:
+        setting = config.BY_KEY[key]
+        flag = key.replace("_", "-")
+        if setting.kind is bool:
+            _bool_flag(p, flag, key, setting.help)
+        elif setting.kind is tuple:
+            p.add_argument(f"--{flag}", dest=key, action="append", metavar="MAP",
+                           help=setting.help + " Repeatable.")
+        elif key == "inode_file_handles":
+            p.add_argument(f"--{flag}", dest=key, nargs="?", const="prefer",
+                           choices=setting.choices, help=setting.help)
+        elif setting.choices:
+            p.add_argument(f"--{flag}", dest=key, choices=setting.choices, help=setting.help)
+        else:
+            p.add_argument(f"--{flag}", dest=key, metavar="VALUE", help=setting.help)
     p.add_argument("--log-level", dest="log_level", choices=("debug", "info", "warning", "error"))
     p.add_argument("--log-format", dest="log_format", choices=("text", "json"))
     return p
 
 
-_O_OPTIONS = {"cache", "source", "xattr", "no_xattr", "readonly"}
+#: -o names that are not setting keys.
+_O_ALIASES = {"source": "shared_dir", "thread_pool_size": "workers"}
+
+
+def _split_o(value: str) -> list[str]:
+    """Split one -o argument at commas; '\\,' is a literal comma (xattrmap rules)."""
+    items, cur, i = [], [], 0
+    while i < len(value):
+        c = value[i]
+        if c == "\\" and i + 1 < len(value) and value[i + 1] in ",\\":
+            cur.append(value[i + 1])
+            i += 2
+            continue
+        if c == ",":
+            items.append("".join(cur))
+            cur = []
+        else:
+            cur.append(c)
+        i += 1
+    items.append("".join(cur))
+    return [it for it in items if it]
 
 
 def parse_o_options(values: list[str]) -> dict[str, Any]:
-    """Translate `-o source=/x,cache=auto,xattr` into settings."""
+    """Translate `-o source=/x,cache=auto,xattr,no_readdirplus` into settings; every setting
+    key is accepted as `name=value`, booleans also as `name` / `no_name`."""
     out: dict[str, Any] = {}
     for value in values:
-        for item in filter(None, value.split(",")):
-            name, _, arg = item.partition("=")
-            if name not in _O_OPTIONS:
+        for item in _split_o(value):
+            name, eq, arg = item.partition("=")
+            key = _O_ALIASES.get(name, name)
+            negated = False
+            if key not in config.BY_KEY and key.startswith("no_") and not eq:
+                key, negated = key[3:], True
+            setting = config.BY_KEY.get(key)
+            if setting is None or key in ("socket_fd",):
                 raise config.ConfigError(f"-o {item}: unknown option")
-            if name == "source":
-                out["shared_dir"] = arg
-            elif name == "cache":
-                out["cache"] = arg
-            elif name in ("xattr", "no_xattr"):
-                out["xattr"] = name == "xattr"
-            elif name == "readonly":
-                out["readonly"] = True
+            where = f"-o {item}: "
+            if setting.kind is bool and not eq:
+                out[key] = not negated
+            elif negated or not eq:
+                raise config.ConfigError(f"-o {item}: needs a value ({name}=...)")
+            elif setting.kind is tuple:
+                out[key] = (*out.get(key, ()), arg)
+                config.check_value(key, out[key], where)
+            else:
+                if key == "log_level":  # virtiofsd spells these err / warn
+                    arg = {"err": "error", "warn": "warning"}.get(arg, arg)
+                out[key] = config.check_value(key, arg, where)
     return out
 
 
 def settings_from_args(argv: list[str]) -> config.Settings:
     args = serve_parser().parse_args(argv)
     cli: dict[str, Any] = parse_o_options(args.options)
-    for key in ("socket_path", "socket_fd", "shared_dir", "cache", "xattr", "readonly",
-                "log_level", "log_format"):
+    for key in ("socket_path", "socket_fd", "shared_dir", "log_level", "log_format",
+                *_FS_FLAGS):
         value = getattr(args, key)
         if value is not None:
+            if config.BY_KEY[key].kind is tuple:
+                value = (*cli.get(key, ()), *value)
             cli[key] = value
     workers = args.workers if args.workers is not None else args.workers_alias
     if workers is not None:
@@ -100,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "check-config":
         return check_config(argv[1:])
+    if argv and argv[0] == "bench":
+        from vfsd.bench.cli import main as bench_main
+
+        return bench_main(argv[1:])
     try:
         settings = settings_from_args(argv)
     except config.ConfigError as e:

@@ -8,6 +8,7 @@ Errors name the file, line, key and reason.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +16,11 @@ from typing import Any
 
 import yaml
 
-from vfsd.fuse.options import FsOptions
+from vfsd.fuse.idmap import IdMap, IdMapError
+from vfsd.fuse.options import CACHE_MODES, HANDLE_MODES, FsOptions
+from vfsd.fuse.xattrmap import XattrMap, XattrMapError
+
+log = logging.getLogger("vfsd.config")
 
 
 class ConfigError(Exception):
@@ -36,8 +41,20 @@ def _positive(v: int) -> str | None:
     return None if v > 0 else "must be > 0"
 
 
-def _workers(v: int) -> str | None:
-    return None if 1 <= v <= 255 else "must be between 1 and 255"
+def _xattrmap(v: str) -> str | None:
+    try:
+        XattrMap(v)
+    except XattrMapError as e:
+        return f"invalid mapping: {e}"
+    return None
+
+
+def _idmap(v: tuple[str, ...]) -> str | None:
+    try:
+        IdMap(v)
+    except IdMapError as e:
+        return f"invalid translation: {e}"
+    return None
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -49,12 +66,34 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("num_queues", int, 3, "Request queues vfsd accepts (plus the hiprio queue).",
             check=_positive),
     Setting("cache", str, "auto", "Guest caching: never (0 s timeouts, direct I/O), auto (1 s),"
-            " always (1 day, keep page cache).", choices=("never", "auto", "always")),
+            " metadata (1 day, file data uncached), always (1 day, keep page cache).",
+            choices=CACHE_MODES),
     Setting("xattr", bool, False, "Serve extended attributes."),
+    Setting("xattrmap", str, None, "virtiofsd xattr name mapping rules, e.g."
+            " ':prefix:all::user.virtiofs.::bad:all:::'.", check=_xattrmap),
+    Setting("posix_acl", bool, False, "POSIX ACLs (FUSE_POSIX_ACL); implies xattr."),
+    Setting("security_label", bool, False, "Store the security label the guest LSM gives new"
+            " files (FUSE_SECURITY_CTX)."),
     Setting("readonly", bool, False, "Refuse every write with EROFS."),
     Setting("allow_devices", bool, False, "Let the guest create device nodes (MKNOD)."),
     Setting("writeback", bool, False, "Let the guest kernel cache writes (FUSE writeback)."),
+    Setting("allow_direct_io", bool, False, "Honour the guest's O_DIRECT on the host."),
     Setting("readdirplus", bool, True, "Answer READDIRPLUS (attributes with directory entries)."),
+    Setting("killpriv_v2", bool, False, "Clear suid/sgid on write/truncate/chown in the server"
+            " (FUSE_HANDLE_KILLPRIV_V2)."),
+    Setting("announce_submounts", bool, False, "Mount points in the export become guest"
+            " submounts with their own st_dev (FUSE_SUBMOUNTS)."),
+    Setting("inode_file_handles", str, "mandatory", "never (O_PATH fds; forces 1 worker),"
+            " prefer (file handles when the file system has them, else 1 worker), mandatory"
+            " (refuse an export without them).", choices=HANDLE_MODES),
+    Setting("translate_uid", tuple, (), "UID translations (virtiofsd forms: map:G:H:N,"
+            " squash-guest:G:H:N, forbid-guest:G:N, ...).", check=_idmap),
+    Setting("translate_gid", tuple, (), "GID translations (same forms as translate_uid).",
+            check=_idmap),
+    Setting("preserve_noatime", bool, False, "Pass the guest's O_NOATIME to the host."),
+    Setting("posix_lock", bool, True, "fcntl byte-range locks held on the host"
+            " (FUSE_POSIX_LOCKS)."),
+    Setting("flock", bool, True, "flock() locks held on the host (FUSE_FLOCK_LOCKS)."),
     Setting("inode_capacity", int, 1 << 20, "Live inodes the shared table holds.",
             check=_positive),
     Setting("log_level", str, "info", "Log level.",
@@ -63,6 +102,7 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 BY_KEY = {s.key: s for s in SETTINGS}
+_LOGGED: set[str] = set()
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,17 +114,49 @@ class Settings:
     num_queues: int = 3
     cache: str = "auto"
     xattr: bool = False
+    xattrmap: str | None = None
+    posix_acl: bool = False
+    security_label: bool = False
     readonly: bool = False
     allow_devices: bool = False
     writeback: bool = False
+    allow_direct_io: bool = False
     readdirplus: bool = True
+    killpriv_v2: bool = False
+    announce_submounts: bool = False
+    inode_file_handles: str = "mandatory"
+    translate_uid: tuple[str, ...] = ()
+    translate_gid: tuple[str, ...] = ()
+    preserve_noatime: bool = False
+    posix_lock: bool = True
+    flock: bool = True
     inode_capacity: int = 1 << 20
     log_level: str = "info"
     log_format: str = "text"
 
     @property
     def worker_count(self) -> int:
-        return self.workers or os.cpu_count() or 1
+        """Worker processes to run: `workers` (0 = one per CPU), but 1 when inodes cannot be
+        shared between processes (inode_file_handles never, or prefer on an export without
+        file handles): only file handles let any worker reopen any inode."""
+        n = self.workers or os.cpu_count() or 1
+        if n > 1 and (reason := self.single_worker_reason()) is not None:
+            if reason not in _LOGGED:
+                _LOGGED.add(reason)
+                log.warning("running 1 worker instead of %d: %s (workers share inodes only "
+                            "through file handles)", n, reason)
+            return 1
+        return n
+
+    def single_worker_reason(self) -> str | None:
+        if self.inode_file_handles == "never":
+            return "inode_file_handles is never"
+        if self.inode_file_handles == "prefer" and self.shared_dir:
+            from workers.passthrough.file_handle import export_has_handles
+
+            if not export_has_handles(self.shared_dir):
+                return f"{self.shared_dir} has no file-handle support"
+        return None
 
     def fs_options(self) -> FsOptions:
         """The subset of settings the FUSE session and the passthrough file system use."""
@@ -93,10 +165,22 @@ class Settings:
             shared_dir=self.shared_dir,
             cache=self.cache,  # type: ignore[arg-type]  # validated against its choices
             xattr=self.xattr,
+            xattrmap=self.xattrmap,
+            posix_acl=self.posix_acl,
+            security_label=self.security_label,
             readonly=self.readonly,
             allow_devices=self.allow_devices,
             writeback=self.writeback,
+            allow_direct_io=self.allow_direct_io,
             readdirplus=self.readdirplus,
+            killpriv_v2=self.killpriv_v2,
+            announce_submounts=self.announce_submounts,
+            inode_file_handles=self.inode_file_handles,  # type: ignore[arg-type]
+            translate_uid=self.translate_uid,
+            translate_gid=self.translate_gid,
+            preserve_noatime=self.preserve_noatime,
+            posix_lock=self.posix_lock,
+            flock=self.flock,
         )
 
     def replace(self, **changes: Any) -> Settings:
@@ -113,6 +197,13 @@ def check_value(key: str, value: Any, where: str = "") -> Any:
         return None
     if setting.kind is int and isinstance(value, str) and value.lstrip("-").isdigit():
         value = int(value)
+    if setting.kind is tuple:
+        if isinstance(value, str):
+            value = (value,)
+        elif isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            value = tuple(value)
+        else:
+            raise ConfigError(f"{prefix}expected a string or a list of strings, got {value!r}")
     if setting.kind is bool and isinstance(value, str):
         lowered = value.lower()
         if lowered in ("true", "yes", "on", "1"):
@@ -120,7 +211,8 @@ def check_value(key: str, value: Any, where: str = "") -> Any:
         elif lowered in ("false", "no", "off", "0"):
             value = False
     if not isinstance(value, setting.kind) or (setting.kind is int and isinstance(value, bool)):
-        raise ConfigError(f"{prefix}expected {setting.kind.__name__}, got {value!r}")
+        kind = "list" if setting.kind is tuple else setting.kind.__name__
+        raise ConfigError(f"{prefix}expected {kind}, got {value!r}")
     if setting.choices and value not in setting.choices:
         raise ConfigError(f"{prefix}must be one of {', '.join(setting.choices)}, got {value!r}")
     if setting.check and (reason := setting.check(value)):

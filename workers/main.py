@@ -2,6 +2,13 @@
 
 Pre-fork the supervisor builds a `WorkerSpec` (plain data and shared objects); everything that
 touches the process itself (signals, lock files, guest memory) happens in `run` after fork.
+
+A request the server defers (a SETLKW that must wait) is completed later: the loop also
+waits on the server's `deferred_fd` and pushes what `collect()` returns. Only this thread
+pushes to the completion ring (it is single-producer).
+
+Control messages besides the session ones: "interrupt" {unique} cancels that waiting
+request (EINTR), "cancel_deferred" cancels all of them (ENOLCK), e.g. before a ring stop.
 """
 
 from __future__ import annotations
@@ -77,6 +84,10 @@ class Worker:
             self.server.destroy()
         elif kind == control.STOP:
             self.alive = False
+        elif kind == "interrupt":
+            self.server.interrupt(message["unique"])
+        elif kind == "cancel_deferred":
+            self.server.cancel_deferred()
         else:
             log.error("unknown control message %r", kind)
         self.epoch = message["epoch"]
@@ -100,31 +111,47 @@ class Worker:
             queue, head, epoch = unpack_request(record)
             if epoch > self.epoch:
                 self.sync(epoch)
-            written = 0
+            written: int | None = 0
             try:
                 desc_gpa, queue_size = self.vrings[queue]
                 assert self.mem is not None
                 chain = read_chain(self.mem, desc_gpa, queue_size, head)
-                written = self.server.handle(chain.readable, chain.writable)
+                written = self.server.handle(chain.readable, chain.writable, queue << 16 | head)
             except GuestProtocolError as e:
                 log.warning("dropping request queue=%d head=%d: %s", queue, head, e)
             except KeyError:
                 log.error("request for unknown queue %d", queue)
+            if written is None:
+                continue  # deferred: completed by complete_deferred()
             completions.push_one(pack_completion(queue, head, written))
             completions.wake_if_sleeping(doorbell)
         channel.block[CB_SERVED] += len(records)
+
+    def complete_deferred(self) -> None:
+        done = self.server.collect()
+        if not done:
+            return
+        completions = self.channel.completions
+        for token, written in done:
+            completions.push_one(pack_completion(token >> 16, token & 0xFFFF, written))
+        completions.wake_if_sleeping(self.spec.completion_doorbell)
+        self.channel.block[CB_SERVED] += len(done)
 
     def run(self) -> None:
         channel = self.channel
         requests = channel.requests
         block = channel.block
         block[CB_PID] = os.getpid()
-        waitables = [channel.doorbell, self.control]
+        server = self.server
+        deferred_fd = server.deferred_fd
+        waitables = [channel.doorbell, self.control, deferred_fd]
         while self.alive:
             block[CB_HEARTBEAT_NS] = time.monotonic_ns()
             records = requests.pop_all()
             if records:
                 self.serve(records)
+                if server.deferred:
+                    self.complete_deferred()
                 continue
             if requests.prepare_sleep():
                 readable = select.select(waitables, [], [], IDLE_WAIT)[0]
@@ -136,8 +163,12 @@ class Worker:
                         pass
                 if self.control in readable:
                     self.poll_control()
+                if deferred_fd in readable:
+                    self.complete_deferred()
                 if not readable:  # idle: let go of fds of inodes the guest forgot
-                    self.server.sweep()
+                    server.sweep()
+                    if server.deferred:
+                        server.tick()
         # STOP: serve whatever was queued before it.
         records = requests.pop_all()
         if records:

@@ -12,12 +12,21 @@ never copied (`os.pwritev` / `os.preadv` on memoryview slices of guest memory).
 
 Hot path (GETATTR, LOOKUP, READ, WRITE): precompiled Structs, tuple indexing, no per-request
 objects beyond what the file system returns.
+
+Deferred replies (SETLKW): `handle(readable, writable, token)` returns None when the request
+waits (a lock held by someone else). The server keeps the chain's writable views and the
+caller's `token`; when the wait ends, `deferred_fd` (an eventfd) becomes readable and
+`collect()` writes the reply and returns `[(token, bytes written)]`, always from the
+caller's thread. `interrupt(unique)` cancels one waiting request (it answers EINTR, so the
+guest restarts the call after its signal handler), `cancel_deferred()` all of them (ENOLCK).
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import os
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -25,7 +34,8 @@ from vfsd.fuse import abi
 from vfsd.fuse.abi import InitFlags, Opcode
 from vfsd.fuse.init import InitError, Session, negotiate
 from vfsd.fuse.options import FsOptions
-from workers.passthrough.filesystem import Context, Entry, FileSystem, SetAttr
+from workers.passthrough.filesystem import Context, Entry, FileSystem, SecCtx, SetAttr
+from workers.passthrough.locks import Lock, Waiter
 
 log = logging.getLogger("vfsd.worker.server")
 
@@ -125,8 +135,9 @@ def _cstr(body: bytes, start: int) -> tuple[bytes, int]:
 
 
 def _check_extensions(ext: bytes) -> None:
-    """7.38 request extensions: a chain of {u32 size, u32 type} records filling `ext`. Their
-    contents (security contexts, supplementary groups) are parsed past and ignored."""
+    """7.38 request extensions: a chain of {u32 size, u32 type} records filling `ext`.
+    Supplementary groups are parsed past and ignored; security contexts are read by the
+    creating ops (`_secctx`)."""
     pos = 0
     while pos < len(ext):
         if pos + 8 > len(ext):
@@ -135,6 +146,50 @@ def _check_extensions(ext: bytes) -> None:
         if size < 8 or size & 7 or pos + size > len(ext):
             raise OSError(errno.EINVAL, "bad extension size")
         pos += size
+
+
+def _secctx_block(block: bytes, pos: int = 0) -> SecCtx:
+    """The first context of a `fuse_secctx_header` block at `pos`: (xattr name, value), or
+    None when it holds none (no LSM in the guest)."""
+    if len(block) - pos < abi.SECCTX_HEADER.size:
+        return None
+    size, nr = abi.SECCTX_HEADER.unpack_from(block, pos)
+    if nr == 0 or nr > abi.FUSE_MAX_NR_SECCTX:
+        return None
+    end = min(len(block), pos + size)
+    pos += abi.SECCTX_HEADER.size
+    if pos + abi.SECCTX.size > end:
+        raise OSError(errno.EINVAL, "truncated security context")
+    csize = abi.SECCTX.unpack_from(block, pos)[0]
+    name, pos = _cstr(block[:end], pos + abi.SECCTX.size)
+    value = block[pos:pos + csize]
+    if len(value) != csize or not name:
+        raise OSError(errno.EINVAL, "bad security context")
+    return name, value
+
+
+def _secctx_ext(ext: bytes) -> SecCtx:
+    """The security context among 7.38 extensions (types 0..31 are secctx headers)."""
+    pos = 0
+    while pos + 8 <= len(ext):
+        size, typ = abi.EXT_HEADER.unpack_from(ext, pos)
+        if typ <= abi.FUSE_MAX_NR_SECCTX:
+            return _secctx_block(ext[pos:pos + size])
+        pos += max(size, 8)
+    return None
+
+
+class _Pending:
+    """A deferred request: where its reply goes once its Waiter is done."""
+
+    __slots__ = ("discard", "token", "unique", "waiter", "writable")
+
+    def __init__(self, token: Any, unique: int, writable: Views, waiter: Waiter) -> None:
+        self.token = token
+        self.unique = unique
+        self.writable = writable
+        self.waiter = waiter
+        self.discard = False
 
 
 class FuseServer:
@@ -167,6 +222,21 @@ class FuseServer:
         self._session: Session | None = None
         self._extlen = False
         self._setxattr_size = abi.SETXATTR_IN.size
+        self._secctx_on = False
+        self._ext = b""  # this request's 7.38 extensions (valid while h[7] != 0)
+        # Deferred requests (SETLKW): see the module docstring.
+        self._deferred_fd = -1  # eventfd, made on first use
+        self._pending: dict[int, _Pending] = {}  # id(waiter) -> request
+        self._done: deque[Waiter] = deque()
+        self._new_waiter: Waiter | None = None
+        # uid/gid translation of attribute replies, only when configured (hot path).
+        self._guest_uid: Callable[[int], int] | None = None
+        self._guest_gid: Callable[[int], int] | None = None
+        if getattr(fs, "idmapped", False):
+            self._guest_uid = fs.guest_uid  # type: ignore[attr-defined]
+            self._guest_gid = fs.guest_gid  # type: ignore[attr-defined]
+            self._attr_out = self._attr_out_mapped  # type: ignore[method-assign]
+            self._entry_out = self._entry_out_mapped  # type: ignore[method-assign]
         op = Opcode
         s = abi
         self._ops: dict[int, tuple[Handler, int]] = {
@@ -209,9 +279,33 @@ class FuseServer:
             op.LSEEK: (self._lseek, s.LSEEK_IN.size),
             op.COPY_FILE_RANGE: (self._copy_file_range, s.COPY_FILE_RANGE_IN.size),
             op.SYNCFS: (self._syncfs, 0),
+            op.TMPFILE: (self._tmpfile, s.CREATE_IN.size),
+            op.GETLK: (self._getlk, s.LK_IN.size),
+            op.SETLK: (self._setlk, s.LK_IN.size),
+            op.SETLKW: (self._setlkw, s.LK_IN.size),
+            op.IOCTL: (self._ioctl, s.IOCTL_IN.size),
         }
         if session is not None:
             self.start_session(session)
+        if os.environ.get("VFSD_TRACE"):  # debugging aid: one log line per request
+            self.handle = self._traced_handle  # type: ignore[method-assign]
+
+    def _traced_handle(self, readable: Views, writable: Views, token: Any = None) -> int | None:
+        raw = _gather(readable, 0, _IN_SIZE + 96)
+        n = FuseServer.handle(self, readable, writable, token)
+        if len(raw) >= _IN_SIZE:
+            h = _IN.unpack_from(raw)
+            err = _OUT.unpack_from(_gather(writable, 0, _OUT_SIZE))[1] if n else 0
+            extra = ""
+            if h[1] == Opcode.SETATTR and len(raw) >= _IN_SIZE + abi.SETATTR_IN.size:
+                a = abi.SETATTR_IN.unpack_from(raw, _IN_SIZE)
+                extra = f" valid={a[0]:#x} mode={a[11]:o} fh={a[2]:#x}"
+            if n and n >= _OUT_SIZE + abi.ATTR_OUT.size and h[1] in (Opcode.GETATTR,
+                                                                     Opcode.SETATTR):
+                extra += f" -> mode={abi.ATTR_OUT.unpack(_gather(writable, 16, 120))[12]:o}"
+            log.info("trace pid=%d op=%d unique=%d nodeid=%#x uid=%d err=%d n=%s%s", os.getpid(),
+                     h[1], h[2], h[3], h[4], err, n, extra)
+        return n
 
     # ------------------------------------------------------------------ session
     @property
@@ -226,10 +320,15 @@ class FuseServer:
             abi.SETXATTR_IN_EXT.size if session.has(InitFlags.SETXATTR_EXT)
             else abi.SETXATTR_IN.size
         )
+        self._secctx_on = session.has(InitFlags.SECURITY_CTX) and self.options.security_label
         self.fs.start_session(session)
 
     def destroy(self) -> None:
-        """End the session: every handle and cached fd of this worker is closed."""
+        """End the session: every handle and cached fd of this worker is closed. Waiting
+        requests are cancelled and never answered (the session they belong to is gone)."""
+        for p in self._pending.values():
+            p.discard = True
+            p.waiter.cancel(errno.ENOLCK)
         self.fs.destroy()
         self._session = None
 
@@ -239,8 +338,9 @@ class FuseServer:
         return sweep() if sweep is not None else 0
 
     # ------------------------------------------------------------------ entry point
-    def handle(self, readable: Views, writable: Views) -> int:
-        """Serve one request; returns the bytes written into `writable` (0 = no reply)."""
+    def handle(self, readable: Views, writable: Views, token: Any = None) -> int | None:
+        """Serve one request; returns the bytes written into `writable` (0 = no reply), or
+        None if the request was deferred: `collect()` reports `token` when it is answered."""
         if not readable:
             return 0
         r0 = readable[0]
@@ -279,7 +379,8 @@ class FuseServer:
                 ext_len = h[7] * 8
                 if ext_len > len(body):
                     raise OSError(errno.EINVAL, "total_extlen beyond the request")
-                _check_extensions(body[len(body) - ext_len:])
+                ext = self._ext = body[len(body) - ext_len:]
+                _check_extensions(ext)
                 body = body[:len(body) - ext_len]
             if len(body) < need:
                 raise OSError(errno.EINVAL, "request body too short")
@@ -291,7 +392,11 @@ class FuseServer:
             log.exception("opcode %d failed", opcode)
             return self._reply_error(writable, h[2], errno.EIO)
         if out is None:
-            return 0
+            waiter = self._new_waiter
+            if waiter is None:
+                return 0
+            self._new_waiter = None
+            return self._defer(waiter, token, h[2], writable)
         if type(out) is int:
             return out
         return self._reply(writable, h[2], out)
@@ -355,7 +460,32 @@ class FuseServer:
             e.nodeid, 0, tv, tv, tvn, tvn,
             st.st_ino, st.st_size, st.st_blocks, st[7], st[8], st[9],
             st.st_atime_ns % _NS, st.st_mtime_ns % _NS, st.st_ctime_ns % _NS,
-            st.st_mode, st.st_nlink, st.st_uid, st.st_gid, st.st_rdev & _M32, st.st_blksize, 0,
+            st.st_mode, st.st_nlink, st.st_uid, st.st_gid, st.st_rdev & _M32, st.st_blksize,
+            e[2],
+        )
+
+    # With translate_uid / translate_gid: the same, owner ids seen from the guest.
+    def _attr_out_mapped(self, st: Any) -> bytes:
+        assert self._guest_uid is not None and self._guest_gid is not None
+        return _ATTR_OUT(
+            self._tv, self._tvn, 0,
+            st.st_ino, st.st_size, st.st_blocks, st[7], st[8], st[9],
+            st.st_atime_ns % _NS, st.st_mtime_ns % _NS, st.st_ctime_ns % _NS,
+            st.st_mode, st.st_nlink, self._guest_uid(st.st_uid), self._guest_gid(st.st_gid),
+            st.st_rdev & _M32, st.st_blksize, 0,
+        )
+
+    def _entry_out_mapped(self, e: Entry) -> bytes:
+        assert self._guest_uid is not None and self._guest_gid is not None
+        st = e.attr
+        tv = self._tv
+        tvn = self._tvn
+        return _ENTRY_OUT(
+            e.nodeid, 0, tv, tv, tvn, tvn,
+            st.st_ino, st.st_size, st.st_blocks, st[7], st[8], st[9],
+            st.st_atime_ns % _NS, st.st_mtime_ns % _NS, st.st_ctime_ns % _NS,
+            st.st_mode, st.st_nlink, self._guest_uid(st.st_uid), self._guest_gid(st.st_gid),
+            st.st_rdev & _M32, st.st_blksize, e[2],
         )
 
     # ------------------------------------------------------------------ inode ops
@@ -381,7 +511,10 @@ class FuseServer:
             forget(nodeid, nlookup)
 
     def _interrupt(self, h: tuple[int, ...], body: bytes, rd: Views, wr: Views) -> None:
-        return None  # requests are not interruptible here; INTERRUPT has no reply
+        """Cancel the waiting request with that unique, if any (it may have finished: then
+        there is nothing to do). INTERRUPT has no reply."""
+        if len(body) >= abi.INTERRUPT_IN.size:
+            self.interrupt(abi.INTERRUPT_IN.unpack_from(body)[0])
 
     def _getattr(self, h: tuple[int, ...], body: bytes, rd: Views, wr: Views) -> bytes:
         flags, _, fh = abi.GETATTR_IN.unpack_from(body)
@@ -411,23 +544,35 @@ class FuseServer:
         )
 
     # ------------------------------------------------------------------ namespace ops
+    def _secctx(self, h: tuple[int, ...], body: bytes, pos: int) -> SecCtx:
+        """The security context of a creating op: in the 7.38 extensions, or (7.37) the
+        block after its last name. None unless security_label is on."""
+        if not self._secctx_on:
+            return None
+        if self._extlen:
+            return _secctx_ext(self._ext) if h[7] else None
+        return _secctx_block(body, pos)
+
     def _mknod(self, h: tuple[int, ...], body: bytes, rd: Views, wr: Views) -> bytes:
         mode, rdev, umask, _ = abi.MKNOD_IN.unpack_from(body)
-        name, _ = _cstr(body, abi.MKNOD_IN.size)
+        name, pos = _cstr(body, abi.MKNOD_IN.size)
         ctx = Context(h[4], h[5], h[6])
-        return self._entry_out(self.fs.mknod(ctx, h[3], name, mode, rdev, umask))
+        return self._entry_out(self.fs.mknod(ctx, h[3], name, mode, rdev, umask,
+                                             self._secctx(h, body, pos)))
 
     def _mkdir(self, h: tuple[int, ...], body: bytes, rd: Views, wr: Views) -> bytes:
         mode, umask = abi.MKDIR_IN.unpack_from(body)
-        name, _ = _cstr(body, abi.MKDIR_IN.size)
+        name, pos = _cstr(body, abi.MKDIR_IN.size)
         ctx = Context(h[4], h[5], h[6])
-        return self._entry_out(self.fs.mkdir(ctx, h[3], name, mode, umask))
+        return self._entry_out(self.fs.mkdir(ctx, h[3], name, mode, umask,
+                                             self._secctx(h, body, pos)))
 
     def _symlink(self, h: tuple[int, ...], body: bytes, rd: Views, wr: Views) -> bytes:
         name, pos = _cstr(body, 0)
-        target, _ = _cstr(body, pos)
+        target, pos = _cstr(body, pos)
         ctx = Context(h[4], h[5], h[6])
-        return self._entry_out(self.fs.symlink(ctx, h[3], name, target))
+        return self._entry_out(self.fs.symlink(ctx, h[3], name, target,
+                                               self._secctx(h, body, pos)))
 
     def _link(self, h: tuple[int, ...], body: bytes, rd: Views, wr: Views) -> bytes:
         oldnodeid = abi.LINK_IN.unpack_from(body)[0]
@@ -458,15 +603,28 @@ class FuseServer:
 
     # ------------------------------------------------------------------ file ops
     def _open(self, h: tuple[int, ...], body: bytes, rd: Views, wr: Views) -> bytes:
-        flags = abi.OPEN_IN.unpack_from(body)[0]
-        fh, fopen = self.fs.open(h[3], flags)
+        flags, open_flags = abi.OPEN_IN.unpack_from(body)
+        if open_flags & abi.FUSE_OPEN_KILL_SUIDGID:
+            fh, fopen = self.fs.open(h[3], flags, True)
+        else:
+            fh, fopen = self.fs.open(h[3], flags)
         return _OPEN_OUT(fh, fopen, 0)
 
     def _create(self, h: tuple[int, ...], body: bytes, rd: Views, wr: Views) -> bytes:
-        flags, mode, umask, _ = abi.CREATE_IN.unpack_from(body)
-        name, _ = _cstr(body, abi.CREATE_IN.size)
+        flags, mode, umask, open_flags = abi.CREATE_IN.unpack_from(body)
+        name, pos = _cstr(body, abi.CREATE_IN.size)
         entry, (fh, fopen) = self.fs.create(
-            Context(h[4], h[5], h[6]), h[3], name, mode, flags, umask
+            Context(h[4], h[5], h[6]), h[3], name, mode, flags, umask,
+            bool(open_flags & abi.FUSE_OPEN_KILL_SUIDGID), self._secctx(h, body, pos),
+        )
+        return self._entry_out(entry) + _OPEN_OUT(fh, fopen, 0)
+
+    def _tmpfile(self, h: tuple[int, ...], body: bytes, rd: Views, wr: Views) -> bytes:
+        """O_TMPFILE (7.37): as CREATE, with the placeholder name "/" and no entry made."""
+        flags, mode, umask, _ = abi.CREATE_IN.unpack_from(body)
+        _name, pos = _cstr(body, abi.CREATE_IN.size)
+        entry, (fh, fopen) = self.fs.tmpfile(
+            Context(h[4], h[5], h[6]), h[3], mode, flags, umask, self._secctx(h, body, pos)
         )
         return self._entry_out(entry) + _OPEN_OUT(fh, fopen, 0)
 
@@ -561,6 +719,7 @@ class FuseServer:
         fs = self.fs
         head = 152 if plus else 24
         tv, tvn = self._tv, self._tvn
+        guest_uid, guest_gid = self._guest_uid, self._guest_gid
         it = fs.readdir(nodeid, fh, offset)
         try:
             for ino, off, dtype, name in it:
@@ -585,12 +744,15 @@ class FuseServer:
                     else:
                         st = e.attr
                         mode = st.st_mode
+                        uid, gid = st.st_uid, st.st_gid
+                        if guest_uid is not None:
+                            uid, gid = guest_uid(uid), guest_gid(gid)  # type: ignore[misc]
                         _DIRENTPLUS_INTO(
                             out, used, e.nodeid, 0, tv, tv, tvn, tvn,
                             st.st_ino, st.st_size, st.st_blocks, st[7], st[8], st[9],
                             st.st_atime_ns % _NS, st.st_mtime_ns % _NS, st.st_ctime_ns % _NS,
-                            mode, st.st_nlink, st.st_uid, st.st_gid, st.st_rdev & _M32,
-                            st.st_blksize, 0,
+                            mode, st.st_nlink, uid, gid, st.st_rdev & _M32,
+                            st.st_blksize, e[2],
                             ino, off, nl, dtype or (mode >> 12) & 0xF,
                         )
                 out[used + head:used + head + nl] = name
@@ -609,17 +771,138 @@ class FuseServer:
             _scatter(wr, memoryview(out)[:used], _OUT_SIZE)
         return n
 
+    # ------------------------------------------------------------------ locks
+    def _lock_args(self, body: bytes) -> tuple[int, int, Lock, bool]:
+        fh, owner, start, end, typ, pid, lk_flags, _ = abi.LK_IN.unpack_from(body)
+        return fh, owner, Lock(start, end, typ, pid), bool(lk_flags & abi.FUSE_LK_FLOCK)
+
+    def _getlk(self, h: tuple[int, ...], body: bytes, rd: Views, wr: Views) -> bytes:
+        fh, owner, lock, _flock = self._lock_args(body)
+        got = self.fs.getlk(h[3], fh, owner, lock)
+        return abi.LK_OUT.pack(got.start, got.end, got.type, got.pid)
+
+    def _setlk(self, h: tuple[int, ...], body: bytes, rd: Views, wr: Views) -> bytes:
+        fh, owner, lock, flock = self._lock_args(body)
+        self.fs.setlk(h[3], fh, owner, lock, flock, False)
+        return b""
+
+    def _setlkw(self, h: tuple[int, ...], body: bytes, rd: Views, wr: Views) -> bytes | None:
+        fh, owner, lock, flock = self._lock_args(body)
+        waiter = self.fs.setlk(h[3], fh, owner, lock, flock, True)
+        if waiter is None:
+            return b""
+        self._new_waiter = waiter  # handle() defers the request
+        return None
+
+    def _ioctl(self, h: tuple[int, ...], body: bytes, rd: Views, wr: Views) -> bytes:
+        # No ioctl is passed through: the host's would act on host state.
+        raise OSError(errno.ENOTTY, "no ioctls")
+
+    # ------------------------------------------------------------------ deferred replies
+    def _defer(self, waiter: Waiter, token: Any, unique: int, writable: Views) -> None:
+        self.deferred_fd  # noqa: B018 (exists before the waiter can signal it)
+        p = _Pending(token, unique, writable, waiter)
+        self._pending[id(waiter)] = p
+        waiter.start(self._waiter_done)
+        return None
+
+    def _waiter_done(self, waiter: Waiter) -> None:
+        """Runs in the waiter's thread: hand it to the main thread."""
+        self._done.append(waiter)
+        try:
+            os.eventfd_write(self._deferred_fd, 1)
+        except OSError:
+            pass
+
+    @property
+    def deferred_fd(self) -> int:
+        """Readable when `collect()` has answers to hand out."""
+        if self._deferred_fd < 0:
+            self._deferred_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        return self._deferred_fd
+
+    def close(self) -> None:
+        """Drop the session and the eventfd (tests; a worker process just exits)."""
+        if self._pending:
+            self.destroy()
+        if self._deferred_fd >= 0:
+            os.close(self._deferred_fd)
+            self._deferred_fd = -1
+
+    @property
+    def deferred(self) -> int:
+        """Requests waiting (or finished, not yet collected)."""
+        return len(self._pending)
+
+    def collect(self) -> list[tuple[Any, int]]:
+        """Answer the deferred requests whose wait ended: [(token, bytes written)]."""
+        if self._deferred_fd >= 0:
+            try:
+                os.eventfd_read(self._deferred_fd)
+            except BlockingIOError:
+                pass
+        out: list[tuple[Any, int]] = []
+        done = self._done
+        while done:
+            waiter = done.popleft()
+            p = self._pending.pop(id(waiter), None)
+            discard = p is None or p.discard
+            try:
+                self.fs.lock_done(waiter, discard)  # type: ignore[call-arg]
+            except Exception:
+                log.exception("finishing a lock wait failed")
+            if discard:
+                continue
+            assert p is not None
+            err = waiter.error
+            if err:
+                written = self._reply_error(p.writable, p.unique, err)
+            else:
+                written = self._reply(p.writable, p.unique, b"")
+            out.append((p.token, written))
+        return out
+
+    def interrupt(self, unique: int) -> bool:
+        """Cancel the deferred request `unique` (EINTR); False if none is waiting."""
+        for p in self._pending.values():
+            if p.unique == unique and not p.discard:
+                p.waiter.cancel(errno.EINTR)
+                return True
+        return False
+
+    def cancel_deferred(self, err: int = errno.ENOLCK) -> int:
+        """Cancel every waiting request (they answer `err` through collect()); returns how
+        many. For a ring stop or a session end: the guest cannot wait for them."""
+        n = 0
+        for p in self._pending.values():
+            if not p.discard:
+                p.waiter.cancel(err)
+                n += 1
+        return n
+
+    def tick(self) -> None:
+        """Idle housekeeping: re-signal cancelled waiters that are still blocked (a signal
+        sent just before a waiter entered its blocking call is lost)."""
+        for p in self._pending.values():
+            w = p.waiter
+            if w.cancelled and not w.finished.is_set():
+                w.cancel(w.cancelled)
+
     # ------------------------------------------------------------------ xattrs
     def _setxattr(self, h: tuple[int, ...], body: bytes, rd: Views, wr: Views) -> bytes:
         fixed = self._setxattr_size
         if len(body) < fixed:
             raise OSError(errno.EINVAL, "short SETXATTR")
         size, flags = abi.SETXATTR_IN.unpack_from(body)
+        xflags = abi.SETXATTR_IN_EXT.unpack_from(body)[2] if fixed > abi.SETXATTR_IN.size else 0
         name, pos = _cstr(body, fixed)
         value = body[pos:pos + size]
         if len(value) != size:
             raise OSError(errno.EINVAL, "SETXATTR value beyond the request")
-        self.fs.setxattr(h[3], name, value, flags)
+        if xflags:
+            self.fs.setxattr(h[3], name, value, flags, xflags)
+        else:
+            self.fs.setxattr(h[3], name, value, flags)
         return b""
 
     @staticmethod

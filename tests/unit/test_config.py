@@ -32,7 +32,7 @@ def test_shipped_yaml_documents_every_setting():
     ("text", "message"),
     [
         ("workers: 1\nbogus: 2\n", "f.yaml:2: unknown setting 'bogus'"),
-        ("cache: sometimes\n", "f.yaml:1: cache: must be one of never, auto, always"),
+        ("cache: sometimes\n", "f.yaml:1: cache: must be one of never, auto, metadata, always"),
         ("workers: many\n", "f.yaml:1: workers: expected int, got 'many'"),
         ("workers: 999\n", "f.yaml:1: workers: must be between 0 and 255"),
         ("xattr: 3\n", "f.yaml:1: xattr: expected bool"),
@@ -69,3 +69,98 @@ def test_check_config_command(tmp_path, capsys):
     bad.write_text("workers: 2\nlog_level: loud\n")
     assert cli.main(["check-config", str(bad)]) == 1
     assert "bad.yaml:2: log_level: must be one of" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("xattrmap: ':frob:all:::'\n", "f.yaml:1: xattrmap: invalid mapping: rule 1: unknown type"),
+        ("translate_uid: [map:1:2]\n", "f.yaml:1: translate_uid: invalid translation: map:1:2:"),
+        ("translate_gid: 5\n", "f.yaml:1: translate_gid: expected a string or a list"),
+        ("inode_file_handles: always\n", "inode_file_handles: must be one of never, prefer"),
+        ("cache: metadatas\n", "cache: must be one of"),
+        ("posix_acl: maybe\n", "posix_acl: expected bool"),
+    ],
+)
+def test_option_values_are_checked(tmp_path, monkeypatch, text, message):
+    monkeypatch.chdir(tmp_path)
+    Path("f.yaml").write_text(text)
+    with pytest.raises(config.ConfigError) as e:
+        config.load_yaml("f.yaml")
+    assert message in str(e.value)
+
+
+def test_every_fs_option_reaches_fs_options():
+    """Settings.fs_options() must carry every file-system setting (else it is ignored)."""
+    from vfsd.fuse.options import FsOptions
+
+    names = [f.name for f in dataclasses.fields(FsOptions)]
+    changed = {
+        "shared_dir": "/x", "cache": "metadata", "xattr": True,
+        "xattrmap": ":ok:all:::", "posix_acl": True, "security_label": True,
+        "readonly": True, "allow_devices": True, "writeback": True, "allow_direct_io": True,
+        "readdirplus": False, "killpriv_v2": True, "announce_submounts": True,
+        "inode_file_handles": "prefer", "translate_uid": ("map:0:1:1",),
+        "translate_gid": ("squash-guest:0:7:10",), "preserve_noatime": True,
+        "posix_lock": False, "flock": False,
+    }
+    assert sorted(changed) == sorted(names)
+    opts = config.build({}, changed).fs_options()
+    for name in names:
+        assert getattr(opts, name) == changed[name], name
+        assert getattr(FsOptions("/x"), name) != changed[name] or name == "shared_dir", name
+
+
+def test_virtiofsd_flags_and_o_forms():
+    s = cli.settings_from_args([
+        "--shared-dir", "/s", "--cache", "metadata", "--posix-acl", "--no-readdirplus",
+        "--killpriv-v2", "--announce-submounts", "--inode-file-handles", "--security-label",
+        "--translate-uid", "map:0:100:1", "--translate-uid", "squash-guest:1:200:10",
+        "--allow-direct-io", "--preserve-noatime", "--writeback", "--no-flock",
+        "--xattrmap", ":ok:all:::",
+    ])
+    assert (s.cache, s.posix_acl, s.readdirplus, s.killpriv_v2, s.announce_submounts) == (
+        "metadata", True, False, True, True)
+    assert s.inode_file_handles == "prefer" and s.security_label and s.allow_direct_io
+    assert s.translate_uid == ("map:0:100:1", "squash-guest:1:200:10")
+    assert s.preserve_noatime and s.writeback and not s.flock and s.xattrmap == ":ok:all:::"
+    s = cli.settings_from_args([
+        "-o", "source=/s,xattr,no_posix_lock,cache=never,log_level=warn",
+        "-o", r"xattrmap=:prefix:all::user.virtiofs.::bad:all:::,translate_gid=map:0:5:1",
+        "-o", r"translate_gid=host:9:8:1,readdirplus,no_readdirplus,inode_file_handles=never",
+    ])
+    assert (s.shared_dir, s.xattr, s.posix_lock, s.cache, s.log_level) == (
+        "/s", True, False, "never", "warning")
+    assert s.xattrmap == ":prefix:all::user.virtiofs.::bad:all:::"
+    assert s.translate_gid == ("map:0:5:1", "host:9:8:1")
+    assert s.readdirplus is False and s.inode_file_handles == "never"
+    s = cli.settings_from_args(["-o", r"xattrmap=/ok/client/a\,b//  /ok/all///"])
+    assert s.xattrmap == "/ok/client/a,b//  /ok/all///"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["-o", "xattrmap=:nope:all:::"], "-o xattrmap=:nope:all:::: xattrmap: invalid mapping"),
+        (["-o", "no_cache"], "-o no_cache: needs a value"),
+        (["-o", "cache"], "-o cache: needs a value"),
+        (["-o", "xattr=sometimes"], "xattr: expected bool"),
+        (["--translate-uid", "map:1"], "translate_uid: invalid translation"),
+        (["--xattrmap", ":ok:"], "xattrmap: invalid mapping"),
+    ],
+)
+def test_bad_option_values_fail_start_up_naming_the_option(argv, message, capsys):
+    assert cli.main(["--shared-dir", "/nonexistent", "--socket-path", "/tmp/x.sock", *argv]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_inode_file_handles_never_means_one_worker(caplog):
+    s = config.build({}, {"shared_dir": "/", "workers": 4, "inode_file_handles": "never"})
+    assert s.worker_count == 1
+    assert "running 1 worker instead of 4: inode_file_handles is never" in caplog.text
+    s = config.build({}, {"shared_dir": str(REPO), "workers": 4, "inode_file_handles": "prefer"})
+    assert s.worker_count == 4  # prefer on ext4: handles available
+    s = config.build({}, {"shared_dir": "/proc", "workers": 3, "inode_file_handles": "prefer"})
+    assert s.worker_count == 1
+    s = config.build({}, {"shared_dir": "/proc", "workers": 3})
+    assert s.worker_count == 3  # mandatory (the default): refused at start-up instead

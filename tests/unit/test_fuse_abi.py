@@ -110,17 +110,18 @@ def test_negotiate_linux_61(minor, flags2):
     assert gran == 1 and align == 0 and bg > 0 and cong <= bg
     wanted = (F.ASYNC_READ | F.BIG_WRITES | F.MAX_PAGES | F.INIT_EXT | F.PARALLEL_DIROPS
               | F.AUTO_INVAL_DATA | F.DO_READDIRPLUS | F.READDIRPLUS_AUTO | F.EXPORT_SUPPORT
-              | F.ATOMIC_O_TRUNC | F.DONT_MASK | F.CACHE_SYMLINKS)
+              | F.ATOMIC_O_TRUNC | F.DONT_MASK | F.CACHE_SYMLINKS | F.POSIX_LOCKS
+              | F.FLOCK_LOCKS)
     assert out_flags == int(wanted)
-    assert out_flags2 == 0  # SECURITY_CTX not offered: we would ignore the labels
-    assert not out_flags & (F.POSIX_LOCKS | F.WRITEBACK_CACHE | F.NO_OPEN_SUPPORT)
+    assert out_flags2 == 0  # SECURITY_CTX only with security_label
+    assert not out_flags & (F.WRITEBACK_CACHE | F.NO_OPEN_SUPPORT | F.SETXATTR_EXT)
     assert s.minor == min(minor, 38) and s.flags == out_flags
     assert s.kernel_flags == FLAGS_610 | flags2 << 32
     assert s.has_extlen == (minor >= 38)
 
 
 def test_negotiate_only_what_the_kernel_offers():
-    offered = int(F.ASYNC_READ | F.MAX_PAGES | F.POSIX_LOCKS)
+    offered = int(F.ASYNC_READ | F.MAX_PAGES | F.WRITEBACK_CACHE)
     body, s = negotiate(_init_in(38, offered), OPTS)
     assert abi.INIT_OUT.unpack(body)[3] == int(F.ASYNC_READ | F.MAX_PAGES)
     assert not s.has(F.INIT_EXT)
@@ -134,6 +135,34 @@ def test_negotiate_options():
     assert s.has(F.WRITEBACK_CACHE)
     _, s = negotiate(_init_in(38, flags), FsOptions("/x", writeback=True, readonly=True))
     assert not s.has(F.WRITEBACK_CACHE)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "flag"),
+    [
+        ("posix_lock", False, F.POSIX_LOCKS),
+        ("flock", False, F.FLOCK_LOCKS),
+        ("posix_acl", True, F.POSIX_ACL),
+        ("posix_acl", True, F.SETXATTR_EXT),
+        ("xattr", True, F.SETXATTR_EXT),
+        ("security_label", True, F.SECURITY_CTX),
+        ("killpriv_v2", True, F.HANDLE_KILLPRIV_V2),
+        ("announce_submounts", True, F.SUBMOUNTS),
+        ("writeback", True, F.WRITEBACK_CACHE),
+        ("readdirplus", False, F.DO_READDIRPLUS),
+        ("cache", "never", F.CACHE_SYMLINKS),
+    ],
+)
+def test_each_option_changes_the_init_reply(option, value, flag):
+    """An option the negotiation ignored would leave its INIT flag as the default has it."""
+    offered = FLAGS_610 | F.WRITEBACK_CACHE
+    _, default = negotiate(_init_in(38, offered, FLAGS2_61192), OPTS)
+    _, changed = negotiate(_init_in(38, offered, FLAGS2_61192),
+                           FsOptions("/x", **{option: value}))
+    assert default.has(flag) != changed.has(flag)
+    _, out_flags2 = abi.split_init_flags(changed.flags)
+    if flag == F.SECURITY_CTX:
+        assert out_flags2 == 1
 
 
 def test_negotiate_pre_736_body_without_flags2():

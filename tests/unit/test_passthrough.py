@@ -54,6 +54,7 @@ class Rig:
         return os.path.join(self.root, *parts)
 
     def close(self):
+        self.server.close()
         self.fs.close()
         self.table.close()
 
@@ -237,9 +238,12 @@ def test_truncated_and_malformed_requests(rig):
 
 def test_unknown_and_unimplemented_opcodes(rig):
     assert rig.c.call(999, ROOT_ID).error == errno.ENOSYS
-    assert rig.c.call(Opcode.TMPFILE, ROOT_ID, bytes(16) + b"/\0").error == errno.ENOSYS
-    assert rig.c.call(Opcode.GETLK, ROOT_ID, bytes(48)).error == errno.ENOSYS
-    assert rig.c.call(Opcode.IOCTL, ROOT_ID, bytes(32)).error == errno.ENOSYS
+    assert rig.c.call(Opcode.POLL, ROOT_ID, bytes(24)).error == errno.ENOSYS
+    assert rig.c.call(Opcode.BMAP, ROOT_ID, bytes(16)).error == errno.ENOSYS
+    # O_TMPFILE without write access is EINVAL (as open(2)); a foreign fh is EBADF
+    assert rig.c.call(Opcode.TMPFILE, ROOT_ID, bytes(16) + b"/\0").error == errno.EINVAL
+    assert rig.c.call(Opcode.GETLK, ROOT_ID, bytes(48)).error == errno.EBADF
+    assert rig.c.call(Opcode.IOCTL, ROOT_ID, bytes(32)).error == errno.ENOTTY
     assert rig.c.call(Opcode.SETXATTR, ROOT_ID, bytes(8) + b"user.a\0").error == errno.ENOSYS
 
 
@@ -645,7 +649,10 @@ def test_rename_plain_noreplace_exchange(rig):
     with open(rig.host("c"), "rb") as f:
         assert f.read() == b"B"
     assert rig.c.rename(ROOT_ID, b"c", ROOT_ID, b"x", abi.RENAME_EXCHANGE).error == errno.ENOENT
-    assert rig.c.rename(ROOT_ID, b"c", ROOT_ID, b"y", abi.RENAME_WHITEOUT).error == errno.EINVAL
+    assert rig.c.rename(ROOT_ID, b"c", ROOT_ID, b"y", abi.RENAME_WHITEOUT).error == 0
+    st = os.lstat(rig.host("c"))  # the whiteout: a 0:0 character device
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0 and os.path.exists(rig.host("y"))
+    assert rig.c.rename(ROOT_ID, b"y", ROOT_ID, b"z", 8).error == errno.EINVAL
     assert rig.c.rename(ROOT_ID, b"missing", ROOT_ID, b"z").error == errno.ENOENT
 
 
@@ -735,8 +742,12 @@ def test_lseek_fallocate_copy_file_range(rig):
     assert abi.WRITE_OUT.unpack(r.body)[0] == 11
     with open(rig.host("dst"), "rb") as f:
         assert f.read() == b"\0\0\0hello world"
-    body = abi.COPY_FILE_RANGE_IN.pack(fh, 0, m, make_fh(4, 1), 0, 11, 0)
-    assert rig.c.call(Opcode.COPY_FILE_RANGE, n, body).error == errno.EXDEV
+    # The destination open in another worker: copied through a description of our own.
+    body = abi.COPY_FILE_RANGE_IN.pack(fh, 6, m, make_fh(4, 1), 20, 5, 0)
+    r = rig.c.call(Opcode.COPY_FILE_RANGE, n, body)
+    assert abi.WRITE_OUT.unpack(r.body)[0] == 5
+    with open(rig.host("dst"), "rb") as f:
+        assert f.read() == b"\0\0\0hello world\0\0\0\0\0\0world"
     assert rig.c.call(Opcode.SYNCFS, ROOT_ID, bytes(8)).error == 0
 
 
@@ -771,7 +782,8 @@ def test_xattrs(tmp_path):
     r = make_rig(tmp_path, xattr=True)
     try:
         n, _ = r.create(ROOT_ID, b"f")
-        set_body = abi.SETXATTR_IN.pack(5, 0) + b"user.k\0" + b"value"
+        assert r.server.session.has(InitFlags.SETXATTR_EXT)  # the 16-byte setxattr_in
+        set_body = abi.SETXATTR_IN_EXT.pack(5, 0, 0, 0) + b"user.k\0" + b"value"
         assert r.c.call(Opcode.SETXATTR, n, set_body).error == 0
         assert os.getxattr(r.host("f"), "user.k") == b"value"
         probe = r.c.call(Opcode.GETXATTR, n, abi.GETXATTR_IN.pack(0, 0) + b"user.k\0")
@@ -786,7 +798,7 @@ def test_xattrs(tmp_path):
         assert b"user.k\0" in lst.body
         assert r.c.call(Opcode.REMOVEXATTR, n, b"user.k\0").error == 0
         assert os.listxattr(r.host("f")) == []
-        short = abi.SETXATTR_IN.pack(50, 0) + b"user.k\0" + b"value"
+        short = abi.SETXATTR_IN_EXT.pack(50, 0, 0, 0) + b"user.k\0" + b"value"
         assert r.c.call(Opcode.SETXATTR, n, short).error == errno.EINVAL
     finally:
         r.close()

@@ -98,6 +98,20 @@ def negotiate(init_in: bytes, options: FsOptions) -> tuple[bytes, Session]:
         want |= F.CACHE_SYMLINKS
     if options.writeback and not options.readonly:
         want |= F.WRITEBACK_CACHE
+    if options.posix_lock:
+        want |= F.POSIX_LOCKS
+    if options.flock:
+        want |= F.FLOCK_LOCKS
+    if options.xattr_enabled:
+        want |= F.SETXATTR_EXT  # 16-byte fuse_setxattr_in (ACL_KILL_SGID)
+    if options.posix_acl:
+        want |= F.POSIX_ACL
+    if options.security_label:
+        want |= F.SECURITY_CTX
+    if options.killpriv_v2:
+        want |= F.HANDLE_KILLPRIV_V2
+    if options.announce_submounts:
+        want |= F.SUBMOUNTS
     # INIT_EXT: echoed whenever the kernel offers it (later kernels ignore flags2 without it).
     want |= F.INIT_EXT
     negotiated = int(kernel_flags & want)

@@ -122,3 +122,21 @@ class MountFds:
         for fd in set(self._fds.values()):
             os.close(fd)
         self._fds.clear()
+
+
+def export_has_handles(path: str) -> bool:
+    """True if the directory's file system can encode file handles (False if it cannot, or
+    the path cannot be opened: the start-up check reports that)."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return True
+    try:
+        handle_of_fd(fd)
+    except NoHandleSupport:
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return True

@@ -8,6 +8,13 @@ results or raise OSError with the errno to send. Obligations (as in virtiofsd):
 - An fh is only meaningful to the worker that issued it.
 
 Only the creating ops (and ACCESS) get the caller's `Context`; the hot ops take none.
+
+Creating ops take `secctx`: the (xattr name, value) security context the guest's LSM gave
+the new inode (FUSE_SECURITY_CTX), or None.
+
+Blocking locks: `setlk(..., sleep=True)` may return a `Waiter` (workers/passthrough/locks.py)
+instead of blocking; the server starts it, keeps the request, and after the waiter finished
+calls `lock_done(waiter)` in the main thread before replying.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 from vfsd.fuse.init import Session
+from workers.passthrough.locks import Lock, Waiter
 
 
 class Context(NamedTuple):
@@ -27,10 +35,15 @@ class Context(NamedTuple):
 
 
 class Entry(NamedTuple):
-    """A looked-up inode: its nodeid (generation is folded into it, so FUSE's is always 0)."""
+    """A looked-up inode: its nodeid (generation is folded into it, so FUSE's is always 0)
+    and `fuse_attr.flags` (FUSE_ATTR_SUBMOUNT)."""
 
     nodeid: int
     attr: os.stat_result
+    flags: int = 0
+
+
+SecCtx = tuple[bytes, bytes] | None
 
 
 class Opened(NamedTuple):
@@ -83,15 +96,18 @@ class FileSystem:
     def readlink(self, nodeid: int) -> bytes:
         raise _enosys()
 
-    def symlink(self, ctx: Context, parent: int, name: bytes, target: bytes) -> Entry:
+    def symlink(self, ctx: Context, parent: int, name: bytes, target: bytes,
+                secctx: SecCtx = None) -> Entry:
         raise _enosys()
 
     def mknod(
-        self, ctx: Context, parent: int, name: bytes, mode: int, rdev: int, umask: int
+        self, ctx: Context, parent: int, name: bytes, mode: int, rdev: int, umask: int,
+        secctx: SecCtx = None,
     ) -> Entry:
         raise _enosys()
 
-    def mkdir(self, ctx: Context, parent: int, name: bytes, mode: int, umask: int) -> Entry:
+    def mkdir(self, ctx: Context, parent: int, name: bytes, mode: int, umask: int,
+              secctx: SecCtx = None) -> Entry:
         raise _enosys()
 
     def unlink(self, parent: int, name: bytes) -> None:
@@ -108,12 +124,21 @@ class FileSystem:
     def link(self, nodeid: int, newparent: int, newname: bytes) -> Entry:
         raise _enosys()
 
-    def open(self, nodeid: int, flags: int) -> Opened:
+    def open(self, nodeid: int, flags: int, kill_priv: bool = False) -> Opened:
+        """`kill_priv`: FUSE_OPEN_KILL_SUIDGID (a truncating open by an unprivileged user)."""
         raise _enosys()
 
     def create(
-        self, ctx: Context, parent: int, name: bytes, mode: int, flags: int, umask: int
+        self, ctx: Context, parent: int, name: bytes, mode: int, flags: int, umask: int,
+        kill_priv: bool = False, secctx: SecCtx = None,
     ) -> tuple[Entry, Opened]:
+        raise _enosys()
+
+    def tmpfile(
+        self, ctx: Context, parent: int, mode: int, flags: int, umask: int,
+        secctx: SecCtx = None,
+    ) -> tuple[Entry, Opened]:
+        """O_TMPFILE in directory `parent`: an unnamed file, linkable later with LINK."""
         raise _enosys()
 
     def read(self, nodeid: int, fh: int, offset: int, bufs: list[memoryview]) -> int:
@@ -155,7 +180,9 @@ class FileSystem:
     def access(self, ctx: Context, nodeid: int, mask: int) -> None:
         raise _enosys()
 
-    def setxattr(self, nodeid: int, name: bytes, value: bytes, flags: int) -> None:
+    def setxattr(self, nodeid: int, name: bytes, value: bytes, flags: int,
+                 xflags: int = 0) -> None:
+        """`xflags`: fuse_setxattr_in.setxattr_flags (FUSE_SETXATTR_ACL_KILL_SGID)."""
         raise _enosys()
 
     def getxattr(self, nodeid: int, name: bytes) -> bytes:
@@ -182,3 +209,18 @@ class FileSystem:
 
     def syncfs(self, nodeid: int) -> None:
         raise _enosys()
+
+    def getlk(self, nodeid: int, fh: int, owner: int, lock: Lock) -> Lock:
+        """The first lock that would conflict with `lock`, or one of type F_UNLCK."""
+        raise _enosys()
+
+    def setlk(self, nodeid: int, fh: int, owner: int, lock: Lock, flock: bool, sleep: bool
+              ) -> Waiter | None:
+        """Take or release a lock; with `sleep`, a lock that is not free returns a Waiter
+        (not started) instead of EAGAIN."""
+        raise _enosys()
+
+    def lock_done(self, waiter: Waiter, discard: bool = False) -> None:
+        """Main-thread bookkeeping once a Waiter finished (its fd is ours to close);
+        `discard`: nobody will be told the result (cancelled at session end)."""
+        os.close(waiter.fd)

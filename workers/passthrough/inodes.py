@@ -4,6 +4,10 @@ The shared table says which nodeids are live; a cached fd is used only while its
 still live (the nodeid carries the slot generation, so a freed and reused slot never matches).
 A miss reopens the inode from its file handle. Bounded LRU; `sweep()` closes fds of forgotten
 nodeids so the host can release deleted files.
+
+Inodes without a file handle (inode_file_handles: never, or a file system without handles
+in single-worker mode) are *pinned*: their O_PATH fd is the only way back to them, so it is
+kept outside the LRU until the guest forgets the nodeid.
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ class InodeCache:
         self.root_fd = root_fd
         self.capacity = max(16, capacity)
         self._fds: OrderedDict[int, int] = OrderedDict()
+        self._pinned: dict[int, int] = {}
 
     def __len__(self) -> int:
-        return len(self._fds)
+        return len(self._fds) + len(self._pinned)
 
     def fd(self, nodeid: int) -> int:
         """O_PATH fd of a live nodeid; ESTALE if the guest no longer holds it."""
@@ -41,23 +46,36 @@ class InodeCache:
             del self._fds[nodeid]
             os.close(fd)
             raise OSError(errno.ESTALE, "stale nodeid")
+        fd = self._pinned.get(nodeid)
+        if fd is not None:
+            if self._table.is_live(nodeid):
+                return fd
+            del self._pinned[nodeid]
+            os.close(fd)
+            raise OSError(errno.ESTALE, "stale nodeid")
         entry = self._table.get(nodeid)
-        if entry is None:
+        if entry is None or not entry.handle.data:
             raise OSError(errno.ESTALE, "stale nodeid")
         fd = open_by_handle(self._mounts.get(entry.mnt_id), entry.handle, os.O_PATH)
         return self.insert(nodeid, fd)
 
-    def insert(self, nodeid: int, fd: int) -> int:
+    def insert(self, nodeid: int, fd: int, pinned: bool = False) -> int:
         """Cache `fd` (an O_PATH fd of that inode, ownership passes to the cache); returns the
         fd to use, which is the already cached one if there was one."""
         if nodeid == ROOT_ID:
             os.close(fd)
             return self.root_fd
         old = self._fds.get(nodeid)
+        if old is None:
+            old = self._pinned.get(nodeid)
         if old is not None:
             os.close(fd)
-            self._fds.move_to_end(nodeid)
+            if nodeid in self._fds:
+                self._fds.move_to_end(nodeid)
             return old
+        if pinned:
+            self._pinned[nodeid] = fd
+            return fd
         self._fds[nodeid] = fd
         while len(self._fds) > self.capacity:
             _, victim = self._fds.popitem(last=False)
@@ -69,9 +87,13 @@ class InodeCache:
         dead = [n for n in self._fds if not self._table.is_live(n)]
         for n in dead:
             os.close(self._fds.pop(n))
-        return len(dead)
+        pinned = [n for n in self._pinned if not self._table.is_live(n)]
+        for n in pinned:
+            os.close(self._pinned.pop(n))
+        return len(dead) + len(pinned)
 
     def clear(self) -> None:
         fds, self._fds = self._fds, OrderedDict()
-        for fd in fds.values():
+        pinned, self._pinned = self._pinned, {}
+        for fd in (*fds.values(), *pinned.values()):
             os.close(fd)
