@@ -44,17 +44,13 @@ HIPRIO = 0
 ROUTE_BYTES = 48  # fuse_in_header + the first u64 of the body (the fh of fh-carrying ops)
 _IN_PREFIX = struct.Struct("<IIQQ")  # len, opcode, unique, nodeid
 _FH = struct.Struct("<Q")
-_FORGET = struct.Struct("<Q")
-_BATCH = struct.Struct("<II")
-_FORGET_ONE = struct.Struct("<QQ")
-_OUT_HEADER = struct.Struct("<IiQ")
 MAX_BATCH_FORGET = 1 << 16
 QUIESCE_TIMEOUT = 30.0
 # Edge-triggered eventfds are never read: a u64 counter bumped by 1 per write cannot overflow.
 _EDGE = select.EPOLLIN | select.EPOLLET
 
-_SUPERVISOR_OPS = {abi.Opcode.INIT, abi.Opcode.DESTROY, abi.Opcode.FORGET,
-                   abi.Opcode.BATCH_FORGET, abi.Opcode.INTERRUPT}
+_HIPRIO_OPS = frozenset({abi.Opcode.FORGET, abi.Opcode.BATCH_FORGET, abi.Opcode.INTERRUPT})
+_SUPERVISOR_OPS = _HIPRIO_OPS | {abi.Opcode.INIT, abi.Opcode.DESTROY}
 
 
 class StartupError(Exception):
@@ -155,7 +151,7 @@ class Supervisor:
         if not shared or not os.path.isdir(shared):
             raise StartupError(f"shared directory {shared!r} does not exist or is not a directory")
         try:
-            check_export(shared)
+            check_export(shared, self.settings.inode_file_handles)
         except ExportError as e:
             raise StartupError(str(e)) from e
         self.listener = listen(self.settings)
@@ -409,10 +405,8 @@ class Supervisor:
 
     # requests the supervisor serves itself
     def serve_here(self, vring: Vring, head: int, opcode: int, prefix: bytes) -> None:
-        if opcode in (abi.Opcode.FORGET, abi.Opcode.BATCH_FORGET):
+        if opcode in _HIPRIO_OPS:  # rarely on a request queue (READDIRPLUS error paths)
             self.serve_hiprio(vring, [head])
-        elif opcode == abi.Opcode.INTERRUPT:
-            self.complete_now(vring, head, 0)
         elif opcode == abi.Opcode.INIT:
             self.serve_init(vring, head)
         elif opcode == abi.Opcode.DESTROY:
@@ -427,16 +421,16 @@ class Supervisor:
                 data = peek_chain(self.mem, vring.desc_gpa, vring.size, head, 48)
                 _len, opcode, _unique, nodeid = _IN_PREFIX.unpack_from(data)
                 if opcode == abi.Opcode.FORGET:
-                    self.table.forget(nodeid, _FORGET.unpack_from(data, 40)[0])
+                    self.table.forget(nodeid, abi.FORGET_IN.unpack_from(data, 40)[0])
                 elif opcode == abi.Opcode.BATCH_FORGET:
-                    count = min(_BATCH.unpack_from(data, 40)[0], MAX_BATCH_FORGET)
+                    count = min(abi.BATCH_FORGET_IN.unpack_from(data, 40)[0], MAX_BATCH_FORGET)
                     data = peek_chain(self.mem, vring.desc_gpa, vring.size, head,
                                       48 + 16 * count)
                     count = (len(data) - 48) // 16
                     for i in range(count):
-                        self.table.forget(*_FORGET_ONE.unpack_from(data, 48 + 16 * i))
+                        self.table.forget(*abi.FORGET_ONE.unpack_from(data, 48 + 16 * i))
                 elif opcode == abi.Opcode.INTERRUPT:
-                    pass  # nothing to cancel yet: every request runs to completion
+                    self.forward_interrupt(abi.INTERRUPT_IN.unpack_from(data, 40)[0])
                 else:
                     log.warning("unexpected opcode %d on hiprio queue", opcode)
             except (GuestProtocolError, struct.error) as e:
@@ -445,6 +439,15 @@ class Supervisor:
         vring.push_used_batch(used)
         if vring.needs_notification():
             vring.notify()
+
+    def forward_interrupt(self, unique: int) -> None:
+        """Tell the worker running request `unique` to cancel it (a waiting SETLKW answers
+        EINTR); an already finished request needs nothing (INTERRUPT has no reply)."""
+        assert self.pool is not None
+        for slot in self.pool.live():
+            if any(entry[2] == unique for entry in slot.inflight.values()):
+                slot.channel.send({"kind": control.INTERRUPT, "unique": unique})
+                return
 
     def serve_init(self, vring: Vring, head: int) -> None:
         assert self.mem is not None and self.pool is not None
@@ -462,7 +465,7 @@ class Supervisor:
         self.session = session.to_dict()
         for slot in self.pool.live():
             slot.channel.send({"kind": control.SESSION, "session": self.session})
-        reply = _OUT_HEADER.pack(16 + len(body), 0, unique) + body
+        reply = abi.OUT_HEADER.pack(16 + len(body), 0, unique) + body
         self.complete_now(vring, head, write_reply(chain.writable, reply))
         log.info("FUSE session started", extra={"fields": {
             "minor": session.minor, "max_write": session.max_write}})
@@ -487,7 +490,7 @@ class Supervisor:
         written = 0
         try:
             chain = read_chain(self.mem, vring.desc_gpa, vring.size, head)
-            written = write_reply(chain.writable, _OUT_HEADER.pack(16, -err, unique))
+            written = write_reply(chain.writable, abi.OUT_HEADER.pack(16, -err, unique))
         except GuestProtocolError as e:
             log.warning("cannot answer head=%d: %s", head, e)
         self.complete_now(vring, head, written)
@@ -509,7 +512,10 @@ class Supervisor:
             inflight = slot.inflight
             for record in records:
                 queue, head, length = unpack_completion(record)
-                inflight.pop(queue << 16 | head, None)
+                if inflight.pop(queue << 16 | head, None) is None:
+                    # Already answered (EIO after a stuck quiesce): never use a head twice.
+                    log.warning("dropping late completion queue=%d head=%d", queue, head)
+                    continue
                 per_queue.setdefault(queue, []).append((head, length))
         if not per_queue or self.backend is None:
             return
@@ -525,6 +531,9 @@ class Supervisor:
     def quiesce(self, selects) -> None:
         """Wait until no in-flight request matches `selects(queue << 16 | head)`."""
         assert self.pool is not None
+        for slot in self.pool.live():  # a waiting SETLKW must not hold the barrier
+            if any(selects(k) for k in slot.inflight):
+                slot.channel.send({"kind": control.CANCEL_DEFERRED})
         deadline = time.monotonic() + QUIESCE_TIMEOUT
         while True:
             self.drain_completions()

@@ -84,9 +84,9 @@ class Worker:
             self.server.destroy()
         elif kind == control.STOP:
             self.alive = False
-        elif kind == "interrupt":
+        elif kind == control.INTERRUPT:
             self.server.interrupt(message["unique"])
-        elif kind == "cancel_deferred":
+        elif kind == control.CANCEL_DEFERRED:
             self.server.cancel_deferred()
         else:
             log.error("unknown control message %r", kind)

@@ -74,3 +74,39 @@ def test_waiting_setlkw_is_answered_later_and_does_not_stall(tmp_path, workers):
             client.close()
         daemon.stop()
 
+
+
+@pytest.mark.parametrize("path", ["hiprio", "stop"])
+def test_waiting_setlkw_is_cancelled_by_interrupt_or_ring_stop(tmp_path, path):
+    """INTERRUPT (hiprio) cancels a waiting SETLKW with EINTR; a ring stop (VM pause,
+    GET_VRING_BASE) must not wait for the lock either: the SETLKW answers ENOLCK."""
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "f").write_bytes(b"data")
+    with Daemon(tmp_path, export, workers=2) as daemon:
+        client = connect(daemon, num_queues=2)
+        fuse = Session(daemon, client).fuse
+        assert fuse.init().error == 0
+        n, _ = entry(fuse.lookup(1, b"f"))
+        fh_a = open_fh(fuse.open(n, os.O_RDWR))[0]
+        fh_b = open_fh(fuse.open(n, os.O_RDWR))[0]
+        assert fuse.call(Opcode.SETLK, n, lk(fh_a, 0xA)).error == 0
+        client.submit(REQUEST_QUEUE, [build(Opcode.SETLKW, n, lk(fh_b, 0xB), unique=7000)],
+                      [16])
+        assert client.wait(REQUEST_QUEUE, timeout=0.5) == []
+        if path == "hiprio":
+            client.submit(0, [build(Opcode.INTERRUPT, 0, abi.INTERRUPT_IN.pack(7000),
+                                    unique=7001)], [])
+            assert len(client.wait(0, timeout=5)) == 1
+            (done,) = client.wait(REQUEST_QUEUE, timeout=5)
+            assert header(done.data)[1] == -errno.EINTR
+        else:
+            import time
+
+            t0 = time.monotonic()
+            client.stop()  # GET_VRING_BASE completes in-flight requests first
+            assert time.monotonic() - t0 < 10
+            (done,) = client.queues[REQUEST_QUEUE].reap()
+            assert header(done.data)[1] == -errno.ENOLCK
+        client.close()
+        assert daemon.wait(10) == 0

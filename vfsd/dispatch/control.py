@@ -23,6 +23,8 @@ VRING = "vring"  # queue, desc_gpa, size
 SESSION = "session"  # session: the negotiated FUSE session (after INIT)
 DESTROY = "destroy"  # drop every handle and cached inode
 STOP = "stop"  # finish the ring and exit
+INTERRUPT = "interrupt"  # unique: cancel that deferred request (FUSE_INTERRUPT)
+CANCEL_DEFERRED = "cancel_deferred"  # answer every deferred request now (before a barrier)
 
 
 def control_pair() -> tuple[socket.socket, socket.socket]:
