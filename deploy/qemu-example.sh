@@ -18,7 +18,7 @@ VFSD=${VFSD:-vfsd}                       # or: python -m vfsd
 mkdir -p "$(dirname "$SOCK")" "$EXPORT"
 
 # 1. The daemon: listens on $SOCK, serves $EXPORT, exits when QEMU disconnects.
-#    Metrics at http://127.0.0.1:9720/metrics (metrics.listen in the YAML config).
+#    Metrics at http://127.0.0.1:9720/metrics (metrics_listen in the YAML config).
 "$VFSD" --socket-path "$SOCK" --shared-dir "$EXPORT" --workers 4 --cache auto &
 vfsd_pid=$!
 trap 'kill "$vfsd_pid" 2>/dev/null || true' EXIT

@@ -22,7 +22,7 @@ class Daemon:
         self.export = export
         args = [sys.executable, "-m", "vfsd", "--socket-path", self.socket_path,
                 "--shared-dir", str(export), "--workers", str(workers),
-                "--log-level", "debug", *(extra or [])]
+                "--log-level", "debug", "--metrics-listen", "127.0.0.1:0", *(extra or [])]
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         env = dict(os.environ, PYTHONPATH=str(REPO))
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=env,
@@ -54,6 +54,13 @@ class Daemon:
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode
+
+    def metrics_url(self) -> str:
+        """From the start-up line (the tests let vfsd pick a free port)."""
+        for line in self.log().splitlines():
+            if "vfsd ready" in line and "metrics=" in line:
+                return line.split("metrics=")[1].split()[0]
+        raise AssertionError("no metrics URL in the daemon log")
 
     def served_per_worker(self) -> list[int]:
         """From the shutdown log line 'requests served per worker: w0=N w1=M ...'."""

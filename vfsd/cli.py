@@ -24,7 +24,7 @@ _FS_FLAGS = (
     "cache", "xattr", "xattrmap", "posix_acl", "security_label", "readonly", "allow_devices",
     "writeback", "allow_direct_io", "readdirplus", "killpriv_v2", "announce_submounts",
     "inode_file_handles", "translate_uid", "translate_gid", "preserve_noatime", "posix_lock",
-    "flock",
+    "flock", "metrics", "metrics_listen",
 )
 
 

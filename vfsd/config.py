@@ -19,6 +19,7 @@ import yaml
 from vfsd.fuse.idmap import IdMap, IdMapError
 from vfsd.fuse.options import CACHE_MODES, HANDLE_MODES, FsOptions
 from vfsd.fuse.xattrmap import XattrMap, XattrMapError
+from vfsd.metrics.http import parse_listen
 
 log = logging.getLogger("vfsd.config")
 
@@ -54,6 +55,14 @@ def _idmap(v: tuple[str, ...]) -> str | None:
         IdMap(v)
     except IdMapError as e:
         return f"invalid translation: {e}"
+    return None
+
+
+def _listen_address(v: str) -> str | None:
+    try:
+        parse_listen(v)
+    except ValueError as e:
+        return str(e)
     return None
 
 
@@ -99,6 +108,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("log_level", str, "info", "Log level.",
             choices=("debug", "info", "warning", "error")),
     Setting("log_format", str, "text", "Log format on stderr.", choices=("text", "json")),
+    Setting("metrics", bool, True, "Serve Prometheus metrics."),
+    Setting("metrics_listen", str, "127.0.0.1:9720", "HOST:PORT of the /metrics endpoint.",
+            check=_listen_address),
 )
 
 BY_KEY = {s.key: s for s in SETTINGS}
@@ -133,6 +145,8 @@ class Settings:
     inode_capacity: int = 1 << 20
     log_level: str = "info"
     log_format: str = "text"
+    metrics: bool = True
+    metrics_listen: str = "127.0.0.1:9720"
 
     @property
     def worker_count(self) -> int:

@@ -19,6 +19,7 @@ import multiprocess
 from vfsd.dispatch.channel import CB_SERVED, WorkerChannel
 from vfsd.fs.inode_table import InodeTable
 from vfsd.fuse.options import FsOptions
+from vfsd.metrics.slab import MetricsBook
 from workers import main as worker_main
 
 log = logging.getLogger("vfsd.pool")
@@ -26,6 +27,7 @@ log = logging.getLogger("vfsd.pool")
 _fork = multiprocess.get_context("fork")
 
 STOP_TIMEOUT = 5.0
+REAP_TIMEOUT = 2.0
 RESTART_WINDOW = 10.0  # seconds
 MAX_RESTARTS_IN_WINDOW = 5  # a slot failing faster than this halts the daemon
 
@@ -59,8 +61,9 @@ class WorkerSlot:
 
 class WorkerPool:
     def __init__(self, size: int, table: InodeTable, options: FsOptions,
-                 completion_doorbell: int) -> None:
+                 completion_doorbell: int, book: MetricsBook) -> None:
         self.table = table
+        self.book = book
         self.options = options
         self.completion_doorbell = completion_doorbell
         self.slots = [WorkerSlot(i) for i in range(size)]
@@ -78,6 +81,7 @@ class WorkerPool:
             table=self.table,
             options=self.options,
             close_fds=self.close_in_child(),
+            metrics_slab=self.book.renew(slot.index),  # folds the dead incarnation's counts
         )
         process = _fork.Process(target=worker_main.run, args=(spec,), daemon=True,
                                 name=f"vfsd-worker-{slot.index}")
@@ -96,9 +100,12 @@ class WorkerPool:
     def reap(self, slot: WorkerSlot) -> int | None:
         """Collect a dead worker; returns its exit code (negative = signal), None if alive."""
         process = slot.process
-        if process is None or process.is_alive():
+        if process is None:
             return None
-        process.join(0)
+        # The sentinel closes while the process exits, a moment before it can be waited for.
+        process.join(REAP_TIMEOUT)
+        if process.exitcode is None:
+            return None
         code = process.exitcode
         slot.process = None
         if code is not None and code < 0:

@@ -20,7 +20,7 @@ import time
 
 import orjson
 
-from vfsd import __version__, status
+from vfsd import __version__, sdnotify, status
 from vfsd.config import Settings
 from vfsd.dispatch import control
 from vfsd.dispatch.channel import CB_HEARTBEAT_NS, CB_SERVED
@@ -29,6 +29,9 @@ from vfsd.dispatch.ring import RingFull, pack_request, unpack_completion
 from vfsd.fs.inode_table import InodeTable
 from vfsd.fuse import abi
 from vfsd.fuse.init import negotiate
+from vfsd.metrics.collector import DaemonState, WorkerState, make_registry
+from vfsd.metrics.http import MetricsServer
+from vfsd.metrics.slab import MetricsBook
 from vfsd.pool import HaltServer, WorkerPool, WorkerSlot
 from vfsd.transport import FramingError, GuestProtocolError
 from vfsd.transport.backend import VhostUserBackend
@@ -137,6 +140,8 @@ class Supervisor:
         self.kick_fds: dict[int, Vring] = {}  # kick fd -> ring
         self.sentinels: dict[int, WorkerSlot] = {}
         self.session: dict | None = None
+        self.book: MetricsBook | None = None
+        self.metrics_server: MetricsServer | None = None
         self.status_listener: socket.socket | None = None
         self.status_path = ""
         self.started = time.monotonic()
@@ -158,8 +163,10 @@ class Supervisor:
         self.status_path = status.status_path(self.settings.socket_path, os.getpid())
         self.status_listener = listen_status(self.status_path)
         self.table = InodeTable.create(self.settings.inode_capacity)
-        self.pool = WorkerPool(self.settings.worker_count, self.table, self.options,
-                               self.completion_doorbell)
+        workers = self.settings.worker_count
+        self.book = MetricsBook(workers)
+        self.pool = WorkerPool(workers, self.table, self.options, self.completion_doorbell,
+                               self.book)
         self.pool.close_in_child = self._supervisor_fds
         self.pool.spawn_all()
         for slot in self.pool.slots:
@@ -172,16 +179,29 @@ class Supervisor:
         self.epoll.register(self.completion_doorbell, _EDGE)
         self.epoll.register(self.listener.fileno(), select.EPOLLIN)
         self.epoll.register(self.status_listener.fileno(), select.EPOLLIN)
+        if self.settings.metrics:
+            # After the first forks: workers start without the HTTP thread's state.
+            server = MetricsServer(make_registry(self.book, self), self.settings.metrics_listen)
+            try:
+                server.start()
+            except OSError as e:
+                raise StartupError(f"cannot serve metrics on {self.settings.metrics_listen}: "
+                                   f"{e.strerror}") from e
+            self.metrics_server = server
         socket_name = self.settings.socket_path or f"fd:{self.settings.socket_fd}"
         log.info("vfsd ready", extra={"fields": {
             "export": shared, "socket": socket_name, "workers": len(self.pool.slots),
-            "cache": self.settings.cache}})
+            "cache": self.settings.cache,
+            "metrics": self.metrics_server.url if self.metrics_server else "off"}})
+        sdnotify.ready(f"serving {shared} to {socket_name}")
 
     def _supervisor_fds(self) -> tuple[int | socket.socket, ...]:
         """What a freshly forked worker must close: everything only the supervisor uses."""
         fds: list[int | socket.socket] = [self.epoll.fileno(), self._signal_r, self._signal_w,
                                           *self.kick_fds]
         fds += [s for s in (self.listener, self.conn, self.status_listener) if s is not None]
+        if self.metrics_server is not None and (fd := self.metrics_server.fileno()) is not None:
+            fds.append(fd)
         assert self.pool is not None
         fds += [s.channel.control for s in self.pool.slots
                 if s.channel.control is not None and s.channel.worker_control is None]
@@ -560,7 +580,10 @@ class Supervisor:
         if sentinel is not None and sentinel in self.sentinels:
             self.epoll.unregister(sentinel)
             del self.sentinels[sentinel]
-        self.pool.reap(slot)
+        if self.pool.reap(slot) is None:
+            log.error("worker %d closed its sentinel but did not exit; killing it", slot.index)
+            self.pool.kill(slot)
+            self.pool.reap(slot)
         self.drain_completions()  # what it finished before dying
         self._fail_inflight(slot)
         if self.running:
@@ -589,6 +612,23 @@ class Supervisor:
                     self._send_vring(slot, vring)
         if self.session is not None:
             slot.channel.send({"kind": control.SESSION, "session": self.session})
+
+    # metrics (called from the HTTP thread: read only)
+    def metrics_state(self) -> DaemonState:
+        assert self.pool is not None and self.table is not None
+        now = time.monotonic_ns()
+        workers = []
+        inflight = 0
+        for slot in self.pool.slots:
+            process = slot.process
+            beat = slot.channel.block[CB_HEARTBEAT_NS]
+            inflight += len(slot.inflight)
+            workers.append(WorkerState(
+                slot.index, process.pid if process is not None else None,
+                len(slot.channel.requests), (now - beat) / 1e9 if beat else None))
+        mem = self.mem
+        memory = sum(r.memory_size for r, _fd in mem.regions()) if mem is not None else 0
+        return DaemonState(workers, inflight, self.table.count(), memory)
 
     # vfsd status
     def snapshot(self) -> dict:
@@ -639,6 +679,9 @@ class Supervisor:
                 log.info("SIGHUP: configuration reload is not implemented yet")
 
     def shutdown(self) -> None:
+        sdnotify.stopping()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         if self.pool is not None:
             if self.backend is not None:
                 try:
@@ -668,3 +711,5 @@ class Supervisor:
             self.table.close()
         os.close(self.completion_doorbell)
         self.epoll.close()
+        if self.book is not None:
+            self.book.close()

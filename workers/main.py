@@ -18,6 +18,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import time
 from dataclasses import dataclass
 
@@ -25,8 +26,10 @@ from vfsd.dispatch import control
 from vfsd.dispatch.channel import CB_EPOCH, CB_HEARTBEAT_NS, CB_PID, CB_SERVED, WorkerChannel
 from vfsd.dispatch.ring import pack_completion, unpack_request
 from vfsd.fs.inode_table import InodeTable
+from vfsd.fuse.abi import Opcode
 from vfsd.fuse.init import Session
 from vfsd.fuse.options import FsOptions
+from vfsd.metrics.slab import BufferedWorkerMetrics, Slab
 from vfsd.transport import GuestProtocolError
 from vfsd.transport.memory import GuestMemory, MemRegion
 from vfsd.transport.virtqueue import read_chain
@@ -36,6 +39,41 @@ from workers.server import FuseServer
 log = logging.getLogger("vfsd.worker")
 
 IDLE_WAIT = 1.0  # seconds between heartbeats when idle
+WAKE_INTERVAL_NS = 200_000  # a long batch still wakes the supervisor this often
+SWEEP_INTERVAL_NS = 1_000_000_000
+
+_OPCODE = struct.Struct("<I")
+_READ, _WRITE = int(Opcode.READ), int(Opcode.WRITE)
+
+
+def _u32_at(views: list[memoryview], offset: int) -> int:
+    """A u32 at `offset` of a byte stream split over descriptors (0 if it is not there)."""
+    for view in views:
+        n = len(view)
+        if offset + 4 <= n:
+            return _OPCODE.unpack_from(view, offset)[0]
+        if offset < n:
+            return 0  # split across descriptors: not worth gathering for a metric
+        offset -= n
+    return 0
+
+
+def _outcome(readable: list[memoryview], writable: list[memoryview], written: int
+             ) -> tuple[int, int, int, int]:
+    """(opcode, errno, bytes read, bytes written) of a served request, for the metrics slab.
+    Read back from the request and reply; the guest could change them, which only skews a
+    metric."""
+    opcode = _u32_at(readable, 4)
+    if written < 16:
+        return opcode, 0, 0, 0
+    error = _u32_at(writable, 4)  # fuse_out_header.error: 0 or a negative errno
+    if error:
+        return opcode, (1 << 32) - error, 0, 0
+    if opcode == _READ:
+        return opcode, 0, written - 16, 0
+    if opcode == _WRITE:
+        return opcode, 0, 0, _u32_at(writable, 16)
+    return opcode, 0, 0, 0
 
 # Exit codes the supervisor understands (gunicorn's habit: exit codes are a protocol).
 EXIT_OK = 0
@@ -51,6 +89,7 @@ class WorkerSpec:
     table: InodeTable
     options: FsOptions
     close_fds: tuple[int | socket.socket, ...]  # supervisor-only fds inherited through fork
+    metrics_slab: Slab
 
 
 class Worker:
@@ -64,6 +103,8 @@ class Worker:
         self.vrings: dict[int, tuple[int, int]] = {}  # queue -> (desc_gpa, queue_size)
         self.epoch = 0
         self.alive = True
+        self.metrics = BufferedWorkerMetrics(spec.metrics_slab)
+        self.metrics.attach()
 
     # control channel
     def apply(self, message: dict, fds: list[int]) -> None:
@@ -107,11 +148,15 @@ class Worker:
         channel = self.channel
         completions = channel.completions
         doorbell = self.spec.completion_doorbell
+        record_metrics = self.metrics.record
+        now = time.monotonic_ns
+        t = woke = now()
         for record in records:
             queue, head, epoch = unpack_request(record)
             if epoch > self.epoch:
                 self.sync(epoch)
             written: int | None = 0
+            chain = None
             try:
                 desc_gpa, queue_size = self.vrings[queue]
                 assert self.mem is not None
@@ -124,7 +169,15 @@ class Worker:
             if written is None:
                 continue  # deferred: completed by complete_deferred()
             completions.push_one(pack_completion(queue, head, written))
-            completions.wake_if_sleeping(doorbell)
+            t1 = now()
+            if chain is not None:
+                record_metrics(*_outcome(chain.readable, chain.writable, written), t1 - t)
+            t = t1
+            # Ring the supervisor once per batch, or sooner if the batch runs long.
+            if t1 - woke > WAKE_INTERVAL_NS:
+                completions.wake_if_sleeping(doorbell)
+                woke = t1
+        completions.wake_if_sleeping(doorbell)
         channel.block[CB_SERVED] += len(records)
 
     def complete_deferred(self) -> None:
@@ -145,8 +198,15 @@ class Worker:
         server = self.server
         deferred_fd = server.deferred_fd
         waitables = [channel.doorbell, self.control, deferred_fd]
+        metrics = self.metrics
+        next_sweep = 0
         while self.alive:
-            block[CB_HEARTBEAT_NS] = time.monotonic_ns()
+            now = block[CB_HEARTBEAT_NS] = time.monotonic_ns()
+            metrics.maybe_flush(now)
+            if now >= next_sweep:  # even under load: fds of forgotten inodes must not pile up
+                server.sweep()
+                metrics.set_state(*server.fs_state())
+                next_sweep = now + SWEEP_INTERVAL_NS
             records = requests.pop_all()
             if records:
                 self.serve(records)
@@ -165,14 +225,13 @@ class Worker:
                     self.poll_control()
                 if deferred_fd in readable:
                     self.complete_deferred()
-                if not readable:  # idle: let go of fds of inodes the guest forgot
-                    server.sweep()
-                    if server.deferred:
-                        server.tick()
+                if not readable and server.deferred:
+                    server.tick()
         # STOP: serve whatever was queued before it.
         records = requests.pop_all()
         if records:
             self.serve(records)
+        metrics.flush()
 
 
 def run(spec: WorkerSpec) -> None:

@@ -337,6 +337,12 @@ class FuseServer:
         sweep = getattr(self.fs, "sweep", None)
         return sweep() if sweep is not None else 0
 
+    def fs_state(self) -> tuple[int, int]:
+        """(open handles, cached inode fds) for the metrics gauges."""
+        handles = getattr(self.fs, "handles", ())
+        inodes = getattr(self.fs, "inodes", ())
+        return len(handles), len(inodes)
+
     # ------------------------------------------------------------------ entry point
     def handle(self, readable: Views, writable: Views, token: Any = None) -> int | None:
         """Serve one request; returns the bytes written into `writable` (0 = no reply), or

@@ -150,7 +150,9 @@ def test_timeout_kills_command_and_guest_survives(p9_guest: P9Guest) -> None:
     assert "timed out after 2 s" in msg and "started" in msg and "guest console" in msg
     # The whole process group was killed and the agent still answers.
     assert g.check("sleep 0.2; ps | grep -c '[s]leep 6[12]' || true").strip() == "0"
-    # ... and the agent's own watchdogs do not pile up (only this command's may run).
+    # ... and the agent's own watchdogs do not pile up (only this command's may run; the
+    # previous command's watchdog is being ended asynchronously, so give it a moment).
+    g.check("sleep 0.5")
     assert int(g.check("ps -o args | grep -c '^sleep' || true")) <= 1
     assert g.healthy
 

@@ -5,5 +5,5 @@
   and one for itself, plus the retired totals).
 - `vfsd.metrics.collector`: `VfsdCollector`, which merges the slabs and the supervisor's
   `MetricsSource` into `vfsd_*` families at scrape time.
-- `vfsd.metrics.http`: `MetricsServer`, the exposition endpoint on `metrics.listen`.
+- `vfsd.metrics.http`: `MetricsServer`, the exposition endpoint on `metrics_listen`.
 """

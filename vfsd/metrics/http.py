@@ -1,4 +1,4 @@
-"""The metrics HTTP endpoint: `GET /metrics` on `metrics.listen` (default 127.0.0.1:9720).
+"""The metrics HTTP endpoint: `GET /metrics` on `metrics_listen` (default 127.0.0.1:9720).
 
 A small threaded WSGI server around prometheus-client's `make_wsgi_app` (text exposition,
 gzip when asked, OpenMetrics on `Accept`), running in one daemon thread of the supervisor:
