@@ -57,9 +57,12 @@ class Daemon:
 
     def metrics_url(self) -> str:
         """From the start-up line (the tests let vfsd pick a free port)."""
-        for line in self.log().splitlines():
-            if "vfsd ready" in line and "metrics=" in line:
-                return line.split("metrics=")[1].split()[0]
+        deadline = time.monotonic() + 10  # the socket appears before the ready line
+        while time.monotonic() < deadline:
+            for line in self.log().splitlines():
+                if "vfsd ready" in line and "metrics=" in line:
+                    return line.split("metrics=")[1].split()[0]
+            time.sleep(0.05)
         raise AssertionError("no metrics URL in the daemon log")
 
     def served_per_worker(self) -> list[int]:
