@@ -20,9 +20,12 @@ class Daemon:
         self.socket_path = str(workdir / "vfsd.sock")
         self.log_path = workdir / "vfsd.log"
         self.export = export
+        extra = list(extra or [])
         args = [sys.executable, "-m", "vfsd", "--socket-path", self.socket_path,
-                "--shared-dir", str(export), "--workers", str(workers),
-                "--log-level", "debug", "--metrics-listen", "127.0.0.1:0", *(extra or [])]
+                "--shared-dir", str(export), "--metrics-listen", "127.0.0.1:0"]
+        if "--config" not in extra:  # with a config file the test controls these there
+            args += ["--workers", str(workers), "--log-level", "debug"]
+        args += extra
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         env = dict(os.environ, PYTHONPATH=str(REPO))
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=env,

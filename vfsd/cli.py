@@ -7,7 +7,10 @@ import logging
 import sys
 from typing import Any
 
-from vfsd import __version__, config, logs
+import orjson
+
+from vfsd import __version__, config, logs, status
+from vfsd.capabilities import print_capabilities
 
 log = logging.getLogger("vfsd")
 
@@ -32,8 +35,9 @@ def serve_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vfsd",
         description="virtio-fs host daemon: serves a host directory to a VM over vhost-user.",
-        epilog="Other commands: 'vfsd check-config FILE'. Every file-system flag also has a "
-               "'-o' form: -o name=value, -o name, -o no_name (names with underscores).",
+        epilog="Other commands: 'vfsd check-config FILE', 'vfsd status SOCKET', 'vfsd bench'. "
+               "Every file-system flag also has a '-o' form: -o name=value, -o name, "
+               "-o no_name (names with underscores).",
     )
     p.add_argument("--version", action="version", version=f"vfsd {__version__}")
     p.add_argument("--config", metavar="FILE", help="YAML settings file")
@@ -151,10 +155,32 @@ def check_config(argv: list[str]) -> int:
     return 0
 
 
+def status_command(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="vfsd status",
+                                description="Show a running vfsd's workers and in-flight "
+                                            "requests.")
+    p.add_argument("socket", help="the daemon's --socket-path (or its .status socket)")
+    p.add_argument("--json", action="store_true", help="print the raw JSON snapshot")
+    args = p.parse_args(argv)
+    path = args.socket if args.socket.endswith(".status") else args.socket + ".status"
+    try:
+        snapshot = status.query(path)
+    except OSError as e:
+        print(f"vfsd status: cannot reach {path}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    print(orjson.dumps(snapshot, option=orjson.OPT_INDENT_2).decode() if args.json
+          else status.render(snapshot))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if "--print-capabilities" in argv:  # libvirt asks before anything else is valid
+        return print_capabilities()
     if argv and argv[0] == "check-config":
         return check_config(argv[1:])
+    if argv and argv[0] == "status":
+        return status_command(argv[1:])
     if argv and argv[0] == "bench":
         from vfsd.bench.cli import main as bench_main
 
@@ -171,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     from vfsd.supervisor import StartupError, Supervisor
 
     try:
-        return Supervisor(settings).run()
+        return Supervisor(settings, reload=lambda: settings_from_args(argv)).run()
     except StartupError as e:
         print(f"vfsd: {e}", file=sys.stderr)
         return 1

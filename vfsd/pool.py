@@ -93,6 +93,14 @@ class WorkerPool:
         log.info("worker %d started", slot.index,
                  extra={"fields": {"pid": process.pid, "incarnation": slot.incarnation}})
 
+    def grow(self, count: int) -> list[WorkerSlot]:
+        """Add and start slots up to `count` workers; returns the new slots."""
+        new = [WorkerSlot(i) for i in range(len(self.slots), count)]
+        self.slots.extend(new)
+        for slot in new:
+            self.spawn(slot)
+        return new
+
     def spawn_all(self) -> None:
         for slot in self.slots:
             self.spawn(slot)

@@ -17,11 +17,13 @@ import signal
 import socket
 import struct
 import time
+from collections.abc import Callable
+from typing import Any
 
 import orjson
 
 from vfsd import __version__, sdnotify, status
-from vfsd.config import Settings
+from vfsd.config import BY_KEY, ConfigError, Settings
 from vfsd.dispatch import control
 from vfsd.dispatch.channel import CB_HEARTBEAT_NS, CB_SERVED
 from vfsd.dispatch.fh import fh_owner
@@ -29,6 +31,7 @@ from vfsd.dispatch.ring import RingFull, pack_request, unpack_completion
 from vfsd.fs.inode_table import InodeTable
 from vfsd.fuse import abi
 from vfsd.fuse.init import negotiate
+from vfsd.logs import set_level as set_log_level
 from vfsd.metrics.collector import DaemonState, WorkerState, make_registry
 from vfsd.metrics.http import MetricsServer
 from vfsd.metrics.slab import MetricsBook
@@ -126,8 +129,10 @@ def listen(settings: Settings) -> socket.socket:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings,
+                 reload: Callable[[], Settings] | None = None) -> None:
         self.settings = settings
+        self._reload = reload  # re-reads the YAML file and re-applies the CLI flags
         self.options = settings.fs_options()
         self.listener: socket.socket | None = None
         self.conn: socket.socket | None = None
@@ -676,7 +681,73 @@ class Supervisor:
                 log.info("received %s; stopping", signal.Signals(signum).name)
                 self.running = False
             elif signum == signal.SIGHUP:
-                log.info("SIGHUP: configuration reload is not implemented yet")
+                self.reload_config()
+
+    def reload_config(self) -> None:
+        """SIGHUP: apply what can change live, log what needs a restart; the guest never
+        notices (no ring, session or handle is touched)."""
+        if self._reload is None:
+            return
+        sdnotify.reloading()
+        try:
+            new = self._reload()
+        except ConfigError as e:
+            log.error("reload failed, the running configuration stays: %s", e)
+            sdnotify.ready()
+            return
+        old = self.settings
+        changed = [k for k in BY_KEY if getattr(old, k) != getattr(new, k)]
+        applied: dict[str, Any] = {}
+        for key in changed:
+            value = getattr(new, key)
+            if key == "log_level":  # set after the summary below, so it is always logged
+                for slot in self.pool.live() if self.pool else ():
+                    slot.channel.send({"kind": control.LOG_LEVEL, "level": value})
+            elif key in ("metrics", "metrics_listen"):
+                continue  # applied together below
+            elif key == "workers" and self._grow_pool(new.worker_count):
+                pass
+            else:
+                continue
+            applied[key] = value
+        if {"metrics", "metrics_listen"} & set(changed) and self._restart_metrics(new):
+            applied.update({k: getattr(new, k) for k in ("metrics", "metrics_listen")
+                            if k in changed})
+        self.settings = old.replace(**applied)
+        restart = [k for k in changed if k not in applied]
+        log.info("configuration reloaded", extra={"fields": {
+            "applied": ",".join(f"{k}={v}" for k, v in applied.items()) or "-",
+            "needs_restart": ",".join(restart) or "-"}})
+        set_log_level(self.settings.log_level)
+        sdnotify.ready()
+
+    def _grow_pool(self, count: int) -> bool:
+        """More workers take effect at once; fewer would strand the fhs the extra workers own,
+        so shrinking waits for a restart."""
+        assert self.pool is not None
+        if count <= len(self.pool.slots):
+            return False
+        for slot in self.pool.grow(count):
+            self._watch(slot)
+            self._resync(slot)
+        return True
+
+    def _restart_metrics(self, new: Settings) -> bool:
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+            self.metrics_server = None
+        if not new.metrics:
+            return True
+        assert self.book is not None
+        server = MetricsServer(make_registry(self.book, self), new.metrics_listen)
+        try:
+            server.start()
+        except OSError as e:
+            log.error("cannot serve metrics on %s: %s", new.metrics_listen, e.strerror)
+            return False
+        self.metrics_server = server
+        log.info("metrics at %s", server.url)
+        return True
 
     def shutdown(self) -> None:
         sdnotify.stopping()

@@ -29,6 +29,7 @@ from vfsd.fs.inode_table import InodeTable
 from vfsd.fuse.abi import Opcode
 from vfsd.fuse.init import Session
 from vfsd.fuse.options import FsOptions
+from vfsd.logs import set_level as set_log_level
 from vfsd.metrics.slab import BufferedWorkerMetrics, Slab
 from vfsd.transport import GuestProtocolError
 from vfsd.transport.memory import GuestMemory, MemRegion
@@ -127,6 +128,8 @@ class Worker:
             self.alive = False
         elif kind == control.INTERRUPT:
             self.server.interrupt(message["unique"])
+        elif kind == control.LOG_LEVEL:
+            set_log_level(message["level"])
         elif kind == control.CANCEL_DEFERRED:
             self.server.cancel_deferred()
         else:

@@ -47,3 +47,24 @@ def test_status_lists_a_request_that_is_in_flight(session):
         for pid in pids:
             os.kill(pid, signal.SIGCONT)
     assert len(client.wait(REQUEST_QUEUE, timeout=5)) == 1
+
+
+def test_status_command_line(session, capsys):
+    from vfsd.cli import main
+
+    assert main(["status", session.daemon.socket_path]) == 0
+    out = capsys.readouterr().out
+    assert "in flight: 0" in out and "worker" in out
+    assert main(["status", session.daemon.socket_path, "--json"]) == 0
+    assert '"inflight_total": 0' in capsys.readouterr().out
+    assert main(["status", "/nonexistent.sock"]) == 1
+
+
+def test_print_capabilities(capsys):
+    import json
+
+    from vfsd.cli import main
+
+    assert main(["--print-capabilities"]) == 0
+    caps = json.loads(capsys.readouterr().out)
+    assert caps["type"] == "fs"
