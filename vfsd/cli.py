@@ -67,7 +67,25 @@ def serve_parser() -> argparse.ArgumentParser:
             p.add_argument(f"--{flag}", dest=key, choices=setting.choices, help=setting.help)
         else:
             p.add_argument(f"--{flag}", dest=key, metavar="VALUE", help=setting.help)
-    p.add_argument("--log-level", dest="log_level", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--log-level", dest="log_level", type=_log_level, metavar="LEVEL",
+                   help="error, warn(ing), info, debug (virtiofsd's trace = debug, off = error)")
+    p.add_argument("-d", dest="debug", action="store_true", help="same as --log-level debug")
+    p.add_argument("-f", dest="foreground", action="store_true",
+                   help="virtiofsd compatibility: vfsd always runs in the foreground")
+    p.add_argument("--socket-group", dest="socket_group", metavar="GROUP",
+                   help="group owning the vhost-user socket (mode 0660)")
+    p.add_argument("--syslog", dest="syslog", action="store_const", const=True,
+                   help="log to syslog/journald instead of stderr")
+    p.add_argument("--rlimit-nofile", dest="rlimit_nofile", type=int, metavar="N",
+                   help="open-file limit for vfsd and its workers")
+    p.add_argument("--print-capabilities", action="store_true",
+                   help="print the vhost-user backend capabilities (JSON) and exit")
+    # Accepted for drop-in compatibility, not implemented: each warns once at start-up.
+    p.add_argument("--sandbox", choices=("namespace", "chroot", "none"))
+    p.add_argument("--seccomp", choices=("none", "kill", "log", "trap"))
+    p.add_argument("--modcaps", metavar="CAPS")
+    p.add_argument("--uid-map", dest="uid_map", action="append", metavar="MAP")
+    p.add_argument("--gid-map", dest="gid_map", action="append", metavar="MAP")
     p.add_argument("--log-format", dest="log_format", choices=("text", "json"))
     return p
 
@@ -124,10 +142,40 @@ def parse_o_options(values: list[str]) -> dict[str, Any]:
     return out
 
 
+_LOG_ALIASES = {"warn": "warning", "err": "error", "trace": "debug", "off": "error"}
+
+
+def _log_level(value: str) -> str:
+    level = _LOG_ALIASES.get(value, value)
+    if level not in ("debug", "info", "warning", "error"):
+        raise argparse.ArgumentTypeError(f"invalid log level {value!r}")
+    return level
+
+
+def unimplemented_flags(argv: list[str]) -> list[str]:
+    """One warning line per accepted-but-unimplemented virtiofsd flag."""
+    args = serve_parser().parse_args(argv)
+    out = []
+    if args.sandbox not in (None, "none"):
+        out.append(f"--sandbox {args.sandbox}: not implemented; running without a sandbox "
+                   "(confine vfsd with the systemd unit's hardening instead)")
+    if args.seccomp not in (None, "none"):
+        out.append(f"--seccomp {args.seccomp}: not implemented; no seccomp filter is installed")
+    if args.modcaps:
+        out.append("--modcaps: not implemented; capabilities are left as they are")
+    if args.uid_map or args.gid_map:
+        out.append("--uid-map/--gid-map: not implemented (vfsd runs as root); use "
+                   "translate_uid/translate_gid")
+    return out
+
+
 def settings_from_args(argv: list[str]) -> config.Settings:
     args = serve_parser().parse_args(argv)
     cli: dict[str, Any] = parse_o_options(args.options)
+    if args.debug:
+        cli["log_level"] = "debug"
     for key in ("socket_path", "socket_fd", "shared_dir", "log_level", "log_format",
+                "socket_group", "syslog", "rlimit_nofile",
                 *_FS_FLAGS):
         value = getattr(args, key)
         if value is not None:
@@ -190,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     except config.ConfigError as e:
         print(f"vfsd: {e}", file=sys.stderr)
         return 1
-    logs.setup(settings.log_level, settings.log_format)
+    logs.setup(settings.log_level, settings.log_format, syslog=settings.syslog)
+    for warning in unimplemented_flags(argv):
+        log.warning(warning)
     if not settings.shared_dir:
         print("vfsd: no export: give --shared-dir DIR (or -o source=DIR)", file=sys.stderr)
         return 1

@@ -108,6 +108,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("log_level", str, "info", "Log level.",
             choices=("debug", "info", "warning", "error")),
     Setting("log_format", str, "text", "Log format on stderr.", choices=("text", "json")),
+    Setting("socket_group", str, None, "Group owning the vhost-user socket (mode 0660)."),
+    Setting("syslog", bool, False, "Log to syslog/journald instead of stderr."),
+    Setting("rlimit_nofile", int, None, "Open-file limit for vfsd and its workers.",
+            check=_positive),
     Setting("metrics", bool, True, "Serve Prometheus metrics."),
     Setting("metrics_listen", str, "127.0.0.1:9720", "HOST:PORT of the /metrics endpoint.",
             check=_listen_address),
@@ -145,6 +149,9 @@ class Settings:
     inode_capacity: int = 1 << 20
     log_level: str = "info"
     log_format: str = "text"
+    socket_group: str | None = None
+    syslog: bool = False
+    rlimit_nofile: int | None = None
     metrics: bool = True
     metrics_listen: str = "127.0.0.1:9720"
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import grp
 import logging
 import os
+import resource
 import select
 import signal
 import socket
@@ -93,6 +95,20 @@ def listen_status(path: str) -> socket.socket:
     return sock
 
 
+def group_id(group: str) -> int:
+    try:
+        return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise StartupError(f"--socket-group {group}: no such group") from None
+
+
+def set_nofile_limit(limit: int) -> None:
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+    except (ValueError, OSError) as e:
+        raise StartupError(f"--rlimit-nofile {limit}: {e}") from e
+
+
 def listen(settings: Settings) -> socket.socket:
     if settings.socket_fd is not None:
         sock = socket.socket(fileno=settings.socket_fd)
@@ -118,6 +134,9 @@ def listen(settings: Settings) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(tmp)
+        if settings.socket_group:
+            os.chown(tmp, -1, group_id(settings.socket_group))
+            os.chmod(tmp, 0o660)
         sock.listen(1)
         os.rename(tmp, path)
     except OSError as e:
@@ -164,6 +183,8 @@ class Supervisor:
             check_export(shared, self.settings.inode_file_handles)
         except ExportError as e:
             raise StartupError(str(e)) from e
+        if self.settings.rlimit_nofile:
+            set_nofile_limit(self.settings.rlimit_nofile)  # workers inherit it
         self.listener = listen(self.settings)
         self.status_path = status.status_path(self.settings.socket_path, os.getpid())
         self.status_listener = listen_status(self.status_path)
