@@ -64,6 +64,7 @@ class WorkerPool:
                  completion_doorbell: int, book: MetricsBook) -> None:
         self.table = table
         self.book = book
+        self.record_metrics = True
         self.options = options
         self.completion_doorbell = completion_doorbell
         self.slots = [WorkerSlot(i) for i in range(size)]
@@ -82,6 +83,7 @@ class WorkerPool:
             options=self.options,
             close_fds=self.close_in_child(),
             metrics_slab=self.book.renew(slot.index),  # folds the dead incarnation's counts
+            record_metrics=self.record_metrics,
         )
         process = _fork.Process(target=worker_main.run, args=(spec,), daemon=True,
                                 name=f"vfsd-worker-{slot.index}")

@@ -194,6 +194,7 @@ class Supervisor:
         self.pool = WorkerPool(workers, self.table, self.options, self.completion_doorbell,
                                self.book)
         self.pool.close_in_child = self._supervisor_fds
+        self.pool.record_metrics = self.settings.metrics
         self.pool.spawn_all()
         for slot in self.pool.slots:
             self._watch(slot)
@@ -754,6 +755,11 @@ class Supervisor:
         return True
 
     def _restart_metrics(self, new: Settings) -> bool:
+        assert self.pool is not None
+        if self.pool.record_metrics != new.metrics:
+            self.pool.record_metrics = new.metrics
+            for slot in self.pool.live():
+                slot.channel.send({"kind": control.METRICS, "on": new.metrics})
         if self.metrics_server is not None:
             self.metrics_server.stop()
             self.metrics_server = None
