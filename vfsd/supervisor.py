@@ -9,6 +9,7 @@ chain is routed by its fuse_in_header (and fh) to a worker ring, once-per-batch 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import grp
 import logging
@@ -725,6 +726,12 @@ class Supervisor:
             if key == "log_level":  # set after the summary below, so it is always logged
                 for slot in self.pool.live() if self.pool else ():
                     slot.channel.send({"kind": control.LOG_LEVEL, "level": value})
+            elif key == "cache":  # timeouts of new entries, FOPEN flags of new opens
+                self.options = dataclasses.replace(self.options, cache=value)
+                if self.pool is not None:
+                    self.pool.options = self.options  # respawned workers too
+                for slot in self.pool.live() if self.pool else ():
+                    slot.channel.send({"kind": control.CACHE, "cache": value})
             elif key in ("metrics", "metrics_listen"):
                 continue  # applied together below
             elif key == "workers" and self._grow_pool(new.worker_count):

@@ -130,6 +130,8 @@ class Worker:
             self.alive = False
         elif kind == control.INTERRUPT:
             self.server.interrupt(message["unique"])
+        elif kind == control.CACHE:
+            self.server.set_cache(message["cache"])
         elif kind == control.METRICS:
             self.recording = message["on"]
         elif kind == control.LOG_LEVEL:

@@ -23,6 +23,7 @@ guest restarts the call after its signal handler), `cancel_deferred()` all of th
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -211,14 +212,8 @@ class FuseServer:
             if not isinstance(options, FsOptions):
                 raise TypeError("FuseServer needs FsOptions (none given, fs has none)")
         self.fs = fs
-        self.options = options
         self.on_destroy = on_destroy
-        t = options.timeout
-        self._tv = int(t)
-        self._tvn = round((t - int(t)) * _NS)
-        self._negative = (
-            _ENTRY_OUT(0, 0, self._tv, 0, self._tvn, 0, *_ZERO_ATTR) if t > 0 else None
-        )
+        self._set_options(options)
         self._session: Session | None = None
         self._extlen = False
         self._setxattr_size = abi.SETXATTR_IN.size
@@ -336,6 +331,24 @@ class FuseServer:
         """Idle-time housekeeping: close cached fds of forgotten inodes."""
         sweep = getattr(self.fs, "sweep", None)
         return sweep() if sweep is not None else 0
+
+    def _set_options(self, options: FsOptions) -> None:
+        self.options = options
+        t = options.timeout
+        self._tv = int(t)
+        self._tvn = round((t - int(t)) * _NS)
+        self._negative = (
+            _ENTRY_OUT(0, 0, self._tv, 0, self._tvn, 0, *_ZERO_ATTR) if t > 0 else None
+        )
+
+    def set_cache(self, cache: str) -> None:
+        """SIGHUP: a new cache mode for entries and opens from now on (what INIT negotiated,
+        e.g. CACHE_SYMLINKS, stays for the session)."""
+        options = dataclasses.replace(self.options, cache=cache)  # type: ignore[arg-type]
+        self._set_options(options)
+        set_fs = getattr(self.fs, "set_options", None)
+        if set_fs is not None:
+            set_fs(options)
 
     def fs_state(self) -> tuple[int, int]:
         """(open handles, cached inode fds) for the metrics gauges."""

@@ -8,6 +8,7 @@ from tests.daemon.conftest import Session, connect
 from tests.daemon_proc import Daemon
 from tests.unit.fusereq import entry, open_fh
 from vfsd import status
+from vfsd.fuse import abi
 
 
 def wait_log(daemon, text, timeout=10):
@@ -40,11 +41,12 @@ def test_sighup_reload(tmp_path):
         wait_log(daemon, "reload failed")
         assert len(status.query(status_path)["workers"]) == 1
 
-        cfg.write_text("workers: 3\nlog_level: warning\ncache: never\n")
+        cfg.write_text("workers: 3\nlog_level: warning\ncache: never\nreadonly: true\n")
         daemon.proc.send_signal(signal.SIGHUP)
         wait_log(daemon, "configuration reloaded")
         line = [ln for ln in daemon.log().splitlines() if "configuration reloaded" in ln][-1]
-        assert "log_level=warning" in line and "needs_restart=cache" in line
+        assert "log_level=warning" in line and "cache=never" in line
+        assert "needs_restart=readonly" in line
         snapshot = status.query(status_path)
         assert len(snapshot["workers"]) == 3 and all(w["pid"] for w in snapshot["workers"])
         # The session and the open file survived; new workers take requests too.
@@ -53,6 +55,11 @@ def test_sighup_reload(tmp_path):
             assert fuse.getattr(nodeid).error == 0
         served = [w["served"] for w in status.query(status_path)["workers"]]
         assert sum(1 for n in served if n) >= 2, served
+        # cache=never took effect for new entries and opens: 0 s timeouts, direct I/O.
+        reply = fuse.lookup(1, b"f")
+        assert abi.ENTRY_OUT.unpack_from(reply.body)[2:5:2] == (0, 0)  # entry_valid, _nsec
+        _fh2, open_flags = open_fh(fuse.open(nodeid))
+        assert open_flags & abi.FOPEN_DIRECT_IO
         # log_level=warning took effect: info lines stop appearing.
         before = daemon.log().count(" I [")
         os.kill(daemon.proc.pid, signal.SIGHUP)  # same file again: nothing changes

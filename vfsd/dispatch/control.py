@@ -24,6 +24,7 @@ SESSION = "session"  # session: the negotiated FUSE session (after INIT)
 DESTROY = "destroy"  # drop every handle and cached inode
 STOP = "stop"  # finish the ring and exit
 INTERRUPT = "interrupt"  # unique: cancel that deferred request (FUSE_INTERRUPT)
+CACHE = "cache"  # cache: the cache mode for new entries and opens (SIGHUP reload)
 METRICS = "metrics"  # on: whether to record per-request metrics (SIGHUP reload)
 LOG_LEVEL = "log_level"  # level: the new log level (SIGHUP reload)
 CANCEL_DEFERRED = "cancel_deferred"  # answer every deferred request now (before a barrier)

@@ -203,6 +203,12 @@ _NO_UMASK = _NoUmask()
 class PassthroughFs(FileSystem):
     """FUSE ops over `options.shared_dir`; one instance per worker process."""
 
+    def set_options(self, options: FsOptions) -> None:
+        """(Re)read the options used per request; SIGHUP changes the cache mode live."""
+        self.options = options
+        self._file_fopen = options.file_open_flags
+        self._dir_fopen = options.dir_open_flags
+
     def __init__(
         self,
         options: FsOptions,
@@ -217,8 +223,7 @@ class PassthroughFs(FileSystem):
         self.options = options
         self.table = table
         self.readonly = options.readonly
-        self._file_fopen = options.file_open_flags
-        self._dir_fopen = options.dir_open_flags
+        self.set_options(options)
         self._dont_mask = False
         self._writeback = False
         self._killpriv = False
