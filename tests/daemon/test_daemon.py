@@ -345,7 +345,8 @@ def test_listening_fd_from_the_caller(tmp_path):
     listener.listen(1)
     log = open(tmp_path / "vfsd.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, "-m", "vfsd", "--fd", str(listener.fileno()),
-                             "--shared-dir", str(export), "--workers", "2"],
+                             "--shared-dir", str(export), "--workers", "2",
+                             "--metrics-listen", "127.0.0.1:0"],
                             pass_fds=[listener.fileno()], stdout=log, stderr=log, cwd=REPO)
     listener.close()
     try:

@@ -150,10 +150,11 @@ def test_timeout_kills_command_and_guest_survives(p9_guest: P9Guest) -> None:
     assert "timed out after 2 s" in msg and "started" in msg and "guest console" in msg
     # The whole process group was killed and the agent still answers.
     assert g.check("sleep 0.2; ps | grep -c '[s]leep 6[12]' || true").strip() == "0"
-    # ... and the agent's own watchdogs do not pile up (only this command's may run; the
-    # previous command's watchdog is being ended asynchronously, so give it a moment).
-    g.check("sleep 0.5")
-    assert int(g.check("ps -o args | grep -c '^sleep' || true")) <= 1
+    # ... and the agent's own watchdogs do not pile up over many commands: only this
+    # command's and (being torn down asynchronously) the previous command's may exist.
+    for _ in range(5):
+        g.check("true")
+    assert int(g.check("ps -o args | grep -c '^sleep' || true")) <= 2
     assert g.healthy
 
 

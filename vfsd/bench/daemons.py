@@ -96,7 +96,9 @@ class SpawnedDaemon:
         if spec.kind == "vfsd":
             argv = [sys.executable, "-m", "vfsd", "--socket-path", self.socket_path,
                     "--shared-dir", str(self.export), "--workers", str(spec.threads),
-                    "--log-level", log_level, *spec.extra]
+                    "--log-level", log_level,
+                    # metrics stay on (as in production) on a free port
+                    "--metrics-listen", "127.0.0.1:0", *spec.extra]
             env = vfsd_env(spec.root)
             cwd = spec.root or vfsd_root()  # `python -m` looks in the cwd first
         else:
