@@ -17,10 +17,11 @@ import time
 
 import pytest
 
-from tests.daemon.conftest import REQUEST_QUEUE, Session, VhostServer, connect
+from tests.daemon.conftest import Session, connect
 from tests.daemon_proc import REPO, Daemon
 from tests.unit.fusereq import FuseClient, attr, build, entry, open_fh, parse_dirents
 from vfsd.dispatch.fh import fh_owner
+from vfsd.frontend.fuse_client import REQUEST_QUEUE, VhostTransport
 from vfsd.frontend.vhost_client import VhostUserClient
 from vfsd.fuse import abi
 from vfsd.fuse.abi import Opcode
@@ -375,7 +376,7 @@ def test_second_request_queue(tmp_path):
         client = connect(daemon, num_queues=3)
         fuse1 = Session(daemon, client).fuse
         ok(fuse1.init())
-        fuse2 = FuseClient(VhostServer(client, queue=2))
+        fuse2 = FuseClient(VhostTransport(client, queue=2))
         assert attr(ok(fuse2.getattr(1)))[0] == os.stat(export).st_ino
         ok(fuse2.mkdir(1, b"from-queue-2"))
         assert (export / "from-queue-2").is_dir()

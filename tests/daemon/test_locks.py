@@ -9,9 +9,10 @@ import os
 
 import pytest
 
-from tests.daemon.conftest import REQUEST_QUEUE, Session, connect
+from tests.daemon.conftest import Session, connect
 from tests.daemon_proc import Daemon
 from tests.unit.fusereq import build, entry, open_fh
+from vfsd.frontend.fuse_client import REQUEST_QUEUE
 from vfsd.fuse import abi
 from vfsd.fuse.abi import Opcode
 

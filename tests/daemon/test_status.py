@@ -1,8 +1,8 @@
 """`vfsd status`: the control socket reports workers, load and in-flight requests."""
 
-from tests.daemon.conftest import REQUEST_QUEUE
 from tests.unit.fusereq import build
 from vfsd import status
+from vfsd.frontend.fuse_client import REQUEST_QUEUE
 from vfsd.fuse import abi
 from vfsd.fuse.abi import Opcode
 
