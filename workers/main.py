@@ -43,7 +43,8 @@ IDLE_WAIT = 1.0  # seconds between heartbeats when idle
 WAKE_INTERVAL_NS = 200_000  # a long batch still wakes the supervisor this often
 SWEEP_INTERVAL_NS = 1_000_000_000
 
-_OPCODE = struct.Struct("<I")
+_U32 = struct.Struct("<I")
+_WRITE_HEAD = 80  # fuse_in_header + fuse_write_in
 _READ, _WRITE = int(Opcode.READ), int(Opcode.WRITE)
 
 
@@ -52,29 +53,31 @@ def _u32_at(views: list[memoryview], offset: int) -> int:
     for view in views:
         n = len(view)
         if offset + 4 <= n:
-            return _OPCODE.unpack_from(view, offset)[0]
+            return _U32.unpack_from(view, offset)[0]
         if offset < n:
             return 0  # split across descriptors: not worth gathering for a metric
         offset -= n
     return 0
 
 
-def _outcome(readable: list[memoryview], writable: list[memoryview], written: int
+def _outcome(header: tuple[int, ...], writable: list[memoryview], written: int
              ) -> tuple[int, int, int, int]:
-    """(opcode, errno, bytes read, bytes written) of a served request, for the metrics slab.
-    Read back from the request and reply; the guest could change them, which only skews a
-    metric."""
-    opcode = _u32_at(readable, 4)
+    """(opcode, errno, bytes read, bytes written) of a served request, for the metrics slab:
+    the decoded `fuse_in_header` and the reply's `fuse_out_header.error` (in its own
+    descriptor in Linux's layout, so one unpack)."""
+    opcode = header[1]
     if written < 16:
         return opcode, 0, 0, 0
-    error = _u32_at(writable, 4)  # fuse_out_header.error: 0 or a negative errno
+    w0 = writable[0]
+    error = _U32.unpack_from(w0, 4)[0] if len(w0) >= 8 else _u32_at(writable, 4)
     if error:
-        return opcode, (1 << 32) - error, 0, 0
+        return opcode, (1 << 32) - error, 0, 0  # out.error is 0 or a negative errno
     if opcode == _READ:
         return opcode, 0, written - 16, 0
     if opcode == _WRITE:
-        return opcode, 0, 0, _u32_at(writable, 16)
+        return opcode, 0, 0, header[0] - _WRITE_HEAD  # in.len - header - fuse_write_in
     return opcode, 0, 0, 0
+
 
 # Exit codes the supervisor understands (gunicorn's habit: exit codes are a protocol).
 EXIT_OK = 0
@@ -180,7 +183,7 @@ class Worker:
             completions.push_one(pack_completion(queue, head, written))
             t1 = now()
             if record_metrics is not None and chain is not None:
-                record_metrics(*_outcome(chain.readable, chain.writable, written), t1 - t)
+                record_metrics(*_outcome(self.server.header, chain.writable, written), t1 - t)
             t = t1
             # Ring the supervisor once per batch, or sooner if the batch runs long.
             if t1 - woke > WAKE_INTERVAL_NS:

@@ -41,6 +41,7 @@ from workers.passthrough.locks import Lock, Waiter
 log = logging.getLogger("vfsd.worker.server")
 
 _IN = abi.IN_HEADER_38  # 7.37 reads the same bytes; total_extlen is used only from 7.38 on
+_NO_HEADER = (0,) * 9  # `header` after a request too short to have one
 _OUT = abi.OUT_HEADER
 _IN_SIZE = _IN.size
 _OUT_SIZE = _OUT.size
@@ -213,6 +214,7 @@ class FuseServer:
                 raise TypeError("FuseServer needs FsOptions (none given, fs has none)")
         self.fs = fs
         self.on_destroy = on_destroy
+        self.header: tuple[int, ...] = _NO_HEADER
         self._set_options(options)
         self._session: Session | None = None
         self._extlen = False
@@ -361,6 +363,7 @@ class FuseServer:
         """Serve one request; returns the bytes written into `writable` (0 = no reply), or
         None if the request was deferred: `collect()` reports `token` when it is answered."""
         if not readable:
+            self.header = _NO_HEADER
             return 0
         r0 = readable[0]
         if len(r0) >= _IN_SIZE:
@@ -368,8 +371,10 @@ class FuseServer:
         else:
             raw = _gather(readable, 0, _IN_SIZE)
             if len(raw) < _IN_SIZE:
+                self.header = _NO_HEADER
                 return 0  # not even a header: there is no `unique` to answer
             h = _IN.unpack_from(raw)
+        self.header = h  # the request just served, for the worker's metrics
         in_len = h[0]
         opcode = h[1]
         try:
