@@ -115,6 +115,11 @@ class GuestMemory:
             return self._hit_view[off : off + length]
         return self._view_slow(gpa, length)
 
+    def hit_window(self) -> tuple[int, int, memoryview]:
+        """(gpa, size, view) of the region the last `view()` hit, for loops that inline the
+        fast path (the chain walker)."""
+        return self._hit_gpa, self._hit_size, self._hit_view
+
     def _view_slow(self, gpa: int, length: int) -> memoryview:
         if length < 0:
             raise GuestMemoryError(f"negative length {length}")
