@@ -96,8 +96,9 @@ def test_channel_across_fork():
             while seen < n:
                 recs = ch.requests.pop_all()
                 if not recs:
-                    if ch.requests.prepare_sleep():
-                        os.eventfd_read(ch.doorbell) if _readable(ch.doorbell) else None
+                    if ch.requests.prepare_sleep() and _readable(ch.doorbell):
+                        os.eventfd_read(ch.doorbell)
+                    ch.requests.cancel_sleep()
                     continue
                 for r in recs:
                     q, head, epoch = unpack_request(r)
