@@ -142,19 +142,16 @@ def _walk_table(mem: GuestMemory, table_view: memoryview, table_size: int, head:
     request, so a 1 MiB READ's 258 descriptors go through here. Same bounds as `_walk`; a
     whole walk unpacks the table in one C call (a peek reads only the entries it needs) and
     the guest-memory fast path is inlined."""
-    if stop_after == _NO_LIMIT:
-        table = DESC.iter_unpack(table_view)
-        entry = list(table).__getitem__  # a snapshot: the guest may rewrite the table
-    else:
-        unpack = DESC.unpack_from
-
-        def entry(i: int) -> tuple[int, int, int, int]:
-            return unpack(table_view, i << 4)
+    # A whole walk takes a snapshot (the guest may rewrite the table while we walk it); a
+    # peek unpacks just the entries it reads.
+    snapshot = list(DESC.iter_unpack(table_view)) if stop_after == _NO_LIMIT else None
+    unpack = DESC.unpack_from
     view = mem.view
     hit_gpa, hit_size, hit_view = mem.hit_window()
     index = 0
     for _ in range(table_size):  # ttl: a loop can never outlive the table
-        addr, length, flags, nxt = entry(index)
+        addr, length, flags, nxt = (snapshot[index] if snapshot is not None
+                                    else unpack(table_view, index << 4))
         if flags & VRING_DESC_F_INDIRECT:
             raise ChainError(ChainFault.NESTED_INDIRECT, f"head {head}")
         off = addr - hit_gpa
