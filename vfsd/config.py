@@ -180,29 +180,11 @@ class Settings:
         return None
 
     def fs_options(self) -> FsOptions:
-        """The subset of settings the FUSE session and the passthrough file system use."""
+        """The subset of settings the FUSE session and the passthrough file system use:
+        every FsOptions field is a setting of the same name."""
         assert self.shared_dir is not None
-        return FsOptions(
-            shared_dir=self.shared_dir,
-            cache=self.cache,  # type: ignore[arg-type]  # validated against its choices
-            xattr=self.xattr,
-            xattrmap=self.xattrmap,
-            posix_acl=self.posix_acl,
-            security_label=self.security_label,
-            readonly=self.readonly,
-            allow_devices=self.allow_devices,
-            writeback=self.writeback,
-            allow_direct_io=self.allow_direct_io,
-            readdirplus=self.readdirplus,
-            killpriv_v2=self.killpriv_v2,
-            announce_submounts=self.announce_submounts,
-            inode_file_handles=self.inode_file_handles,  # type: ignore[arg-type]
-            translate_uid=self.translate_uid,
-            translate_gid=self.translate_gid,
-            preserve_noatime=self.preserve_noatime,
-            posix_lock=self.posix_lock,
-            flock=self.flock,
-        )
+        return FsOptions(**{f.name: getattr(self, f.name)
+                            for f in dataclasses.fields(FsOptions)})
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)

@@ -163,6 +163,7 @@ class Worker:
         record_metrics = self.metrics.record if self.recording else None
         now = time.monotonic_ns
         t = woke = now()
+        served = 0
         for record in records:
             queue, head, epoch = unpack_request(record)
             if epoch > self.epoch:
@@ -179,8 +180,9 @@ class Worker:
             except KeyError:
                 log.error("request for unknown queue %d", queue)
             if written is None:
-                continue  # deferred: completed by complete_deferred()
+                continue  # deferred: completed (and counted) by complete_deferred()
             completions.push_one(pack_completion(queue, head, written))
+            served += 1
             t1 = now()
             if record_metrics is not None and chain is not None:
                 record_metrics(*_outcome(self.server.header, chain.writable, written), t1 - t)
@@ -190,7 +192,7 @@ class Worker:
                 completions.wake_if_sleeping(doorbell)
                 woke = t1
         completions.wake_if_sleeping(doorbell)
-        channel.block[CB_SERVED] += len(records)
+        channel.block[CB_SERVED] += served
 
     def complete_deferred(self) -> None:
         done = self.server.collect()
