@@ -30,7 +30,7 @@ from vfsd.config import BY_KEY, ConfigError, Settings
 from vfsd.dispatch import control
 from vfsd.dispatch.channel import CB_HEARTBEAT_NS, CB_SERVED
 from vfsd.dispatch.fh import fh_owner
-from vfsd.dispatch.ring import RingFull, pack_request, unpack_completion
+from vfsd.dispatch.ring import RingFull, unpack_completion
 from vfsd.fs.inode_table import InodeTable
 from vfsd.fuse import abi
 from vfsd.fuse.init import negotiate
@@ -437,7 +437,13 @@ class Supervisor:
             loads[owner] += 1
             slot = slots[owner]
             slot.inflight[queue << 16 | head] = (opcode, nodeid, unique, now)
-            batches.setdefault(owner, []).append(pack_request(queue, head, slot.channel.epoch))
+            # pack_request(queue, head, epoch), inlined: this loop runs once per request
+            record = queue | head << 16 | (slot.channel.epoch & 0xFFFFFFFF) << 32
+            batch = batches.get(owner)
+            if batch is None:
+                batches[owner] = [record]
+            else:
+                batch.append(record)
         self._flush(batches, queue)
 
     def _flush(self, batches: dict[int, list[int]], queue: int) -> None:
@@ -554,17 +560,27 @@ class Supervisor:
     # completions
     def drain_completions(self) -> None:
         assert self.pool is not None
-        per_queue: dict[int, list[tuple[int, int]]] = {}
+        # A completion record is queue | head << 16 | length << 32 (pack_completion), and
+        # (head | length << 32) is the used element: decoded inline, once per request.
+        per_queue: dict[int, list[int]] = {}
         for slot in self.pool.slots:
             records = slot.channel.completions.pop_all()
+            if not records:
+                continue
             inflight = slot.inflight
             for record in records:
-                queue, head, length = unpack_completion(record)
-                if inflight.pop(queue << 16 | head, None) is None:
+                head = record >> 16 & 0xFFFF
+                if inflight.pop((record & 0xFFFF) << 16 | head, None) is None:
                     # Already answered (EIO after a stuck quiesce): never use a head twice.
+                    queue, head, _length = unpack_completion(record)
                     log.warning("dropping late completion queue=%d head=%d", queue, head)
                     continue
-                per_queue.setdefault(queue, []).append((head, length))
+                elem = head | record >> 32 << 32
+                elems = per_queue.get(record & 0xFFFF)
+                if elems is None:
+                    per_queue[record & 0xFFFF] = [elem]
+                else:
+                    elems.append(elem)
         if not per_queue or self.backend is None:
             return
         for queue, elems in per_queue.items():
@@ -572,7 +588,7 @@ class Supervisor:
             if not vring.mapped:
                 log.warning("dropping %d completions for stopped queue %d", len(elems), queue)
                 continue
-            vring.push_used_batch(elems)
+            vring.push_used_elems(elems)
             if vring.needs_notification():
                 vring.notify()
 

@@ -21,6 +21,7 @@ side's field (the only reordering x86 does), so a wake-up cannot be lost.
 from __future__ import annotations
 
 import os
+from array import array
 
 from vfsd.fence import full_fence
 
@@ -70,11 +71,17 @@ class SpscRing:
         head = hdr[_HEAD]
         if len(records) > self.capacity - ((head - hdr[_TAIL]) & _U32):
             raise RingFull(f"{len(records)} records do not fit")
-        slots, mask = self._slots, self._mask
-        for record in records:
-            slots[head & mask] = record
-            head += 1
-        hdr[_HEAD] = head & _U32
+        n = len(records)
+        start = head & self._mask
+        end = start + n
+        if end <= self.capacity:  # one slice store (records land before head is published)
+            self._slots[start:end] = array("Q", records)
+        else:
+            slots, mask = self._slots, self._mask
+            for record in records:
+                slots[head & mask] = record
+                head += 1
+        hdr[_HEAD] = (hdr[_HEAD] + n) & _U32
 
     def push_one(self, record: int) -> None:
         hdr = self._hdr
@@ -106,8 +113,12 @@ class SpscRing:
             return []
         if n > self.capacity:
             raise RuntimeError(f"ring corrupted: {n} records in a ring of {self.capacity}")
-        slots, mask = self._slots, self._mask
-        out = [slots[(tail + i) & mask] for i in range(n)]
+        start = tail & self._mask
+        end = start + n
+        if end <= self.capacity:
+            out = self._slots[start:end].tolist()
+        else:
+            out = self._slots[start:].tolist() + self._slots[: end - self.capacity].tolist()
         hdr[_TAIL] = (tail + n) & _U32
         return out
 
