@@ -813,14 +813,21 @@ def test_another_worker_reopens_inodes_by_handle(rig):
     c1 = FuseClient(s1)
     try:
         assert attr(c1.getattr(n))[1] == 13
-        assert c1.read(n, fh, 0, 100).error == errno.EBADF  # worker 0 owns that fh
+        # Worker 0 owns fh: worker 1 serves READ/WRITE on it with a borrowed duplicate of
+        # worker 0's fd, and every other fh op is EBADF there.
+        assert c1.read(n, fh, 0, 100).body == b"from worker 0"
+        assert c1.write(n, fh, 0, b"FROM").error == 0
+        assert c1.call(Opcode.FSYNC, n, abi.FSYNC_IN.pack(fh, 0, 0)).error == errno.EBADF
         fh1 = open_fh(c1.open(n))[0]
         assert fh1 >> 48 == 2  # owner index 1 encoded
-        assert c1.read(n, fh1, 0, 100).body == b"from worker 0"
+        assert c1.read(n, fh1, 0, 100).body == b"FROM worker 0"
+        assert rig.c.read(n, fh1, 5, 100).body == b"worker 0"  # and the other way round
         assert entry(c1.lookup(ROOT_ID, b"shared"))[0] == n  # one nodeid across workers
         assert rig.table.get(n).nlookup == 2
         assert c1.release(n, fh1).error == 0
         assert rig.c.release(n, fh).error == 0
+        assert c1.read(n, fh, 0, 100).error == errno.EBADF  # released: nothing to borrow
+        assert rig.c.read(n, fh1, 0, 100).error == errno.EBADF
     finally:
         fs1.close()
 
@@ -938,13 +945,19 @@ def test_fhs_of_a_previous_incarnation_are_ebadf(rig):
         assert fh2 != fh and c2.read(n, fh, 0, 1).error == errno.EBADF
     finally:
         fs2.close()
+    # local = sequence (24 bits) | lending slot (12 bits); the sequence wraps, never to 0,
+    # and skips values still open.
     t = HandleTable(0)
-    t._next = (1 << 36) - 1
     a = t.add(Handle(-1, 0, 0, False))
+    assert (a >> 12 & 0xFFFFFF, a & 0xFFF) == (1, 0)
+    t._seq = (1 << 24) - 1
     b = t.add(Handle(-1, 0, 0, False))
-    assert (a & 0xFFFFFFFFF, b & 0xFFFFFFFFF) == ((1 << 36) - 1, 1)  # wraps, never 0
-    t._next = (1 << 36) - 1
-    assert t.add(Handle(-1, 0, 0, False)) & 0xFFFFFFFFF == 2  # skips handles still open
+    assert (b >> 12 & 0xFFFFFF, b & 0xFFF) == (1, 1)
+    t.pop(a)
+    t._seq = (1 << 24) - 1
+    t._free_slots.append(1)  # force slot 1 again: (1, 1) is still open
+    c = t.add(Handle(-1, 0, 0, False))
+    assert (c >> 12 & 0xFFFFFF, c & 0xFFF) == (2, 1)
 
 
 def test_submount_inodes_reopen_in_another_worker(rig):

@@ -45,7 +45,7 @@ from workers.passthrough.filesystem import (
     SecCtx,
     SetAttr,
 )
-from workers.passthrough.handles import Handle, HandleTable
+from workers.passthrough.handles import LENDING, Handle, HandleTable
 from workers.passthrough.inodes import InodeCache
 from workers.passthrough.locks import Lock, LockTable, Waiter
 from workers.passthrough.names import check_lookup_name, check_name
@@ -707,22 +707,42 @@ class PassthroughFs(FileSystem):
             raise
 
     def read(self, nodeid: int, fh: int, offset: int, bufs: list[memoryview]) -> int:
-        h = self.handles.get(fh)
-        if h.is_dir:
+        h = self.handles.find(fh)
+        if h is not None:
+            return self._read(h.fd, h.is_dir, offset, bufs)
+        fd, is_dir = LENDING.borrow(fh)  # another worker's handle (the owner was busy)
+        try:
+            return self._read(fd, is_dir, offset, bufs)
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _read(fd: int, is_dir: bool, offset: int, bufs: list[memoryview]) -> int:
+        if is_dir:
             raise OSError(errno.EISDIR, "is a directory")
         if not bufs:
             return 0
         if offset > _OFF_MAX:
             raise OSError(errno.EINVAL, "offset out of range")
-        return os.preadv(h.fd, bufs, offset)
+        return os.preadv(fd, bufs, offset)
 
     def write(
         self, nodeid: int, fh: int, offset: int, bufs: list[memoryview], write_flags: int
     ) -> int:
         if self.readonly:
             raise _erofs()
-        h = self.handles.get(fh)
-        if h.is_dir:
+        h = self.handles.find(fh)
+        if h is not None:
+            return self._write(h.fd, h.is_dir, offset, bufs, write_flags)
+        fd, is_dir = LENDING.borrow(fh)
+        try:
+            return self._write(fd, is_dir, offset, bufs, write_flags)
+        finally:
+            os.close(fd)
+
+    def _write(self, fd: int, is_dir: bool, offset: int, bufs: list[memoryview],
+               write_flags: int) -> int:
+        if is_dir:
             raise OSError(errno.EISDIR, "is a directory")
         if not bufs:
             return 0
@@ -731,10 +751,10 @@ class PassthroughFs(FileSystem):
         if write_flags & _WRITE_KILL_SUIDGID:
             # Set by an unprivileged writer's kernel when it cannot clear suid/sgid itself:
             # with killpriv_v2, and for direct I/O (cache never/metadata) in any case.
-            self._kill_suidgid(h.fd)
+            self._kill_suidgid(fd)
         # An O_APPEND fd appends whatever the offset (Linux pwrite semantics), as the guest
         # expects without writeback caching.
-        return os.pwritev(h.fd, bufs, offset)
+        return os.pwritev(fd, bufs, offset)
 
     def flush(self, nodeid: int, fh: int, lock_owner: int) -> None:
         # close() of a duplicate runs the file system's flush (NFS, POSIX lock release)
@@ -781,9 +801,13 @@ class PassthroughFs(FileSystem):
         dst = self.handles.find(fh_out)
         if dst is not None and dst.nodeid == nodeid_out:
             return os.copy_file_range(src.fd, dst.fd, length, off_in, off_out)
-        # The destination is open in another worker: write through a description of our
-        # own (the guest checked that its file is open for writing).
-        wfd = self._reopen_regular(self.inodes.fd(nodeid_out), os.O_WRONLY | os.O_CLOEXEC)
+        # The destination is open in another worker: borrow its description, or (a handle
+        # that cannot be lent) write through one of our own (the guest checked that its
+        # file is open for writing).
+        try:
+            wfd, _is_dir = LENDING.borrow(fh_out)
+        except OSError:
+            wfd = self._reopen_regular(self.inodes.fd(nodeid_out), os.O_WRONLY | os.O_CLOEXEC)
         try:
             return os.copy_file_range(src.fd, wfd, length, off_in, off_out)
         finally:

@@ -1,23 +1,109 @@
 """Open file and directory handles of this worker, keyed by the fh the guest sees.
 
 fh = make_fh(worker_index, local): the supervisor routes every fh-carrying op to the owner
-(vfsd/dispatch/fh.py); an fh this worker did not issue is EBADF.
+(vfsd/dispatch/fh.py); an fh this worker did not issue is EBADF — except READ and WRITE,
+which the supervisor may send to a less busy worker: that worker *borrows* the owner's fd
+for the one operation (`LENDING`, pidfd_getfd(2): the same open file description, so
+O_APPEND, O_DIRECT and the file offset behave as on the owner) and closes it right after,
+so a borrowed fd never outlives the request (flock locks and unlinked files go with the
+owner's close, as before).
 
-local (48 bits) = incarnation (12 bits) | counter (36 bits): a respawned worker (new
-incarnation) never mistakes a handle its dead predecessor gave the guest for one of its own.
-The counter wraps, skipping values still open.
+local (48 bits) = incarnation (12 bits) | sequence (24 bits) | lending slot (12 bits): a
+respawned worker (new incarnation) never mistakes a handle its dead predecessor gave the
+guest for one of its own; the slot says where the owner published (pid, fd) for borrowers
+(`NO_SLOT` when all are taken: that handle is served by its owner only).
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import mmap
 import os
 
-from vfsd.dispatch.fh import fh_local, fh_owner, make_fh
+from vfsd.dispatch.fh import FH_NO_SLOT, FH_SLOT_BITS, MAX_WORKERS, fh_local, fh_owner, make_fh
 
 _COUNTER_BITS = 36
-_COUNTER_MASK = (1 << _COUNTER_BITS) - 1
 _INCARNATION_MASK = 0xFFF
+_SLOT_BITS = FH_SLOT_BITS
+SLOTS = 1 << _SLOT_BITS  # lending slots per worker (the last one means "not lent")
+NO_SLOT = FH_NO_SLOT
+_SEQ_MASK = (1 << (_COUNTER_BITS - _SLOT_BITS)) - 1
+_IS_DIR = 1 << 31  # in the published fd word
+_SYS_PIDFD_GETFD = 438
+_syscall = ctypes.CDLL(None, use_errno=True).syscall
+_syscall.restype = ctypes.c_long
+
+
+class Lending:
+    """Per worker and lending slot, two u64 in shared memory: the fh (0 = free) and
+    fd | is_dir << 31 | owner pid << 32. Created at import, that is in the supervisor before
+    any worker is forked, so every worker maps the same table.
+
+    The owner writes the fd word, then the fh (publish); on release it clears the fh before
+    it closes the fd. A borrower checks the fh, duplicates the fd, and checks the fh again:
+    equal means the duplicate is the handle's description (x86 keeps stores in order, and
+    the close that could recycle the fd number comes after the clearing store).
+    """
+
+    def __init__(self, workers: int = MAX_WORKERS) -> None:
+        self.workers = workers
+        self._mm = mmap.mmap(-1, 16 * SLOTS * workers)  # MAP_SHARED | MAP_ANONYMOUS, lazy
+        self._q = memoryview(self._mm).cast("Q")
+        self._pidfds: dict[int, int] = {}  # borrower side: owner pid -> pidfd
+
+    def publish(self, owner: int, slot: int, fh: int, fd: int, is_dir: bool) -> None:
+        if slot == NO_SLOT or owner >= self.workers or fd < 0:
+            return
+        b = 2 * (owner * SLOTS + slot)
+        self._q[b + 1] = fd | (_IS_DIR if is_dir else 0) | os.getpid() << 32
+        self._q[b] = fh
+
+    def withdraw(self, owner: int, slot: int) -> None:
+        if slot != NO_SLOT and owner < self.workers:
+            self._q[2 * (owner * SLOTS + slot)] = 0
+
+    def clear(self, owner: int) -> None:
+        """Forget every handle of a worker (it died: its fhs are stale)."""
+        if owner < self.workers:
+            start = 2 * owner * SLOTS
+            self._q[start : start + 2 * SLOTS] = memoryview(bytes(16 * SLOTS)).cast("Q")
+
+    def borrow(self, fh: int) -> tuple[int, bool]:
+        """(a duplicate of the owner's fd for `fh`, is_dir). The caller closes the fd.
+        Raises EBADF for an fh that is not (or no longer) open in a live worker."""
+        owner = fh_owner(fh)
+        slot = fh & NO_SLOT
+        if slot == NO_SLOT or not 0 <= owner < self.workers:
+            raise OSError(errno.EBADF, "unknown file handle")
+        q = self._q
+        b = 2 * (owner * SLOTS + slot)
+        if q[b] != fh:
+            raise OSError(errno.EBADF, "unknown file handle")
+        word = q[b + 1]
+        pid = word >> 32
+        pidfd = self._pidfds.get(pid)
+        try:
+            if pid == os.getpid():  # two file systems in one process (tests)
+                fd = os.dup(word & (_IS_DIR - 1))
+            else:
+                if pidfd is None:
+                    pidfd = self._pidfds[pid] = os.pidfd_open(pid)
+                fd = _syscall(_SYS_PIDFD_GETFD, pidfd, word & (_IS_DIR - 1), 0)
+                if fd < 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, os.strerror(err))
+        except OSError as e:
+            if pidfd is not None and e.errno == errno.ESRCH:
+                os.close(self._pidfds.pop(pid))  # the owner died
+            raise OSError(errno.EBADF, f"cannot borrow the file handle: {e}") from e
+        if q[b] != fh:  # released while we duplicated: the number may be another file's
+            os.close(fd)
+            raise OSError(errno.EBADF, "file handle released")
+        return fd, bool(word & _IS_DIR)
+
+
+LENDING = Lending()
 
 
 class Handle:
@@ -31,23 +117,30 @@ class Handle:
 
 
 class HandleTable:
-    def __init__(self, worker_index: int, incarnation: int = 0) -> None:
+    def __init__(self, worker_index: int, incarnation: int = 0,
+                 lending: Lending = LENDING) -> None:
         self.worker_index = worker_index
         self._base = (incarnation & _INCARNATION_MASK) << _COUNTER_BITS
         self._handles: dict[int, Handle] = {}
-        self._next = 1
+        self._seq = 0
+        self._free_slots = list(range(NO_SLOT - 1, -1, -1))
+        self._lending = lending
+        lending.clear(worker_index)  # nothing a dead predecessor published stays valid
 
     def __len__(self) -> int:
         return len(self._handles)
 
     def add(self, handle: Handle) -> int:
+        slot = self._free_slots.pop() if self._free_slots else NO_SLOT
         while True:
-            local = self._base | self._next
-            self._next = (self._next + 1) & _COUNTER_MASK or 1
+            self._seq = (self._seq + 1) & _SEQ_MASK or 1
+            local = self._base | self._seq << _SLOT_BITS | slot
             if local not in self._handles:
                 break
         self._handles[local] = handle
-        return make_fh(self.worker_index, local)
+        fh = make_fh(self.worker_index, local)
+        self._lending.publish(self.worker_index, slot, fh, handle.fd, handle.is_dir)
+        return fh
 
     def find(self, fh: int) -> Handle | None:
         if fh_owner(fh) != self.worker_index:
@@ -66,9 +159,16 @@ class HandleTable:
         h = self._handles.pop(fh_local(fh), None)
         if h is None:
             raise OSError(errno.EBADF, "unknown file handle")
+        self._release_slot(fh & NO_SLOT)
         return h
+
+    def _release_slot(self, slot: int) -> None:
+        if slot != NO_SLOT:
+            self._lending.withdraw(self.worker_index, slot)  # before the caller closes the fd
+            self._free_slots.append(slot)
 
     def close_all(self) -> None:
         handles, self._handles = self._handles, {}
-        for h in handles.values():
+        for local, h in handles.items():
+            self._release_slot(local & NO_SLOT)
             os.close(h.fd)
