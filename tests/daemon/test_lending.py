@@ -1,0 +1,115 @@
+"""READ and large WRITE of one open file spread over workers (fd lending), with every byte
+checked on both sides; a released or a dead owner's fh cannot be borrowed."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import struct
+import time
+
+from tests.daemon.conftest import Session, connect
+from tests.daemon_proc import Daemon
+from vfsd.dispatch.fh import fh_owner
+from vfsd.frontend.fuse_client import REQUEST_QUEUE, build, entry, open_fh
+from vfsd.fuse import abi
+from vfsd.fuse.abi import Opcode
+
+CHUNK = 128 << 10  # above the supervisor's lending threshold for WRITE (64 KiB)
+CHUNKS = 32
+
+
+def ok(reply):
+    assert reply.error == 0, f"errno {reply.error} ({os.strerror(reply.error)})"
+    return reply
+
+
+def pattern(i: int) -> bytes:
+    return (struct.pack("<I", i) * (CHUNK // 4))[:CHUNK]
+
+
+def burst(client, requests, reply_size):
+    """Submit every request before kicking once, so the owner is busy while they route."""
+    heads = {client.submit(REQUEST_QUEUE, [req], [16, reply_size], kick=False): i
+             for i, req in enumerate(requests)}
+    client.kick(REQUEST_QUEUE, force=True)
+    done = client.wait(REQUEST_QUEUE, timeout=20, count=len(requests))
+    assert len(done) == len(requests)
+    out = [b""] * len(requests)
+    for c in done:
+        length, error, _unique = abi.OUT_HEADER.unpack_from(c.data)
+        assert error == 0, f"errno {-error}"
+        assert length == c.used_len
+        out[heads[c.head]] = c.data[16:c.used_len]
+    return out
+
+
+def test_one_fh_keeps_two_workers_busy(tmp_path):
+    export = tmp_path / "export"
+    export.mkdir()
+    with Daemon(tmp_path, export, workers=2) as daemon:
+        client = connect(daemon, num_queues=2)
+        fuse = Session(daemon, client).fuse
+        ok(fuse.init())
+        reply = ok(fuse.create(1, b"big", flags=os.O_RDWR, mode=0o644))
+        nodeid, _ = entry(reply)
+        fh, _ = open_fh(reply, 128)
+        for rnd in range(3):  # large WRITEs, several rounds so both workers get some
+            writes = [build(Opcode.WRITE, nodeid,
+                            abi.WRITE_IN.pack(fh, i * CHUNK, CHUNK, 0, 0, 0, 0) + pattern(i),
+                            unique=2 + 2 * i + 1000 * rnd) for i in range(CHUNKS)]
+            for body in burst(client, writes, 16):
+                assert abi.WRITE_OUT.unpack_from(body)[0] == CHUNK
+        data = (export / "big").read_bytes()
+        assert data == b"".join(pattern(i) for i in range(CHUNKS))
+        for rnd in range(3):
+            reads = [build(Opcode.READ, nodeid,
+                           abi.READ_IN.pack(fh, i * CHUNK, CHUNK, 0, 0, 0, 0),
+                           unique=2 + 2 * i + 1000 * rnd) for i in range(CHUNKS)]
+            assert burst(client, reads, CHUNK) == [pattern(i) for i in range(CHUNKS)]
+        ok(fuse.release(nodeid, fh))
+        # After RELEASE nothing is left to borrow: a stale fh is EBADF on every worker.
+        stale = [build(Opcode.READ, nodeid, abi.READ_IN.pack(fh, 0, 16, 0, 0, 0, 0),
+                       unique=9000 + 2 * i) for i in range(8)]
+        heads = [client.submit(REQUEST_QUEUE, [r], [16, 16], kick=False) for r in stale]
+        client.kick(REQUEST_QUEUE, force=True)
+        done = client.wait(REQUEST_QUEUE, timeout=20, count=len(heads))
+        assert [abi.OUT_HEADER.unpack_from(c.data)[1] for c in done] == [-errno.EBADF] * 8
+        client.close()
+        assert daemon.wait(10) == 0
+        # Without lending the owner would have served every READ/WRITE.
+        served = daemon.served_per_worker()
+        assert len(served) == 2 and min(served) > 20, served
+
+
+def test_fh_of_a_dead_owner_is_not_borrowed(tmp_path):
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "f").write_bytes(b"x" * 4096)
+    with Daemon(tmp_path, export, workers=2) as daemon:
+        client = connect(daemon, num_queues=2)
+        fuse = Session(daemon, client).fuse
+        ok(fuse.init())
+        nodeid, _ = entry(ok(fuse.lookup(1, b"f")))
+        fh, _ = open_fh(ok(fuse.open(nodeid, os.O_RDWR)))
+        owner_pid = _worker_pid(daemon, fh_owner(fh))
+        os.kill(owner_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and "killed by SIGKILL" not in daemon.log():
+            time.sleep(0.05)
+        reads = [build(Opcode.READ, nodeid, abi.READ_IN.pack(fh, 0, 16, 0, 0, 0, 0),
+                       unique=2 + 2 * i) for i in range(8)]
+        heads = [client.submit(REQUEST_QUEUE, [r], [16, 16], kick=False) for r in reads]
+        client.kick(REQUEST_QUEUE, force=True)
+        done = client.wait(REQUEST_QUEUE, timeout=20, count=len(heads))
+        assert [abi.OUT_HEADER.unpack_from(c.data)[1] for c in done] == [-errno.EBADF] * 8
+        client.close()
+        assert daemon.wait(10) == 0
+
+
+def _worker_pid(daemon, index: int) -> int:
+    for line in daemon.log().splitlines():
+        if f"worker {index} started pid=" in line:
+            return int(line.split("pid=")[1].split()[0])
+    raise AssertionError(f"no start line for worker {index}: {daemon.log()}")
