@@ -44,7 +44,7 @@ from vfsd.transport.backend import VhostUserBackend
 from vfsd.transport.codec import decode
 from vfsd.transport.connection import PeerClosed, recv_frame, send_message
 from vfsd.transport.memory import GuestMemory
-from vfsd.transport.virtqueue import Vring, peek_chain, read_chain
+from vfsd.transport.virtqueue import Vring, peek_chain, peek_indirect, read_chain
 from workers.passthrough.fs import ExportError, check_export
 from workers.passthrough.handles import LENDING
 
@@ -52,7 +52,8 @@ log = logging.getLogger("vfsd.supervisor")
 
 HIPRIO = 0
 ROUTE_BYTES = 48  # fuse_in_header + the first u64 of the body (the fh of fh-carrying ops)
-_IN_PREFIX = struct.Struct("<IIQQ")  # len, opcode, unique, nodeid
+_IN_SIZE = abi.IN_HEADER_38.size  # 40: where the body (and an fh-carrying op's fh) starts
+_IN_PREFIX = struct.Struct("<IIQQ")  # len, opcode, unique, nodeid: the head of the header
 _FH = struct.Struct("<Q")
 MAX_BATCH_FORGET = 1 << 16
 QUIESCE_TIMEOUT = 30.0
@@ -60,8 +61,11 @@ QUIESCE_TIMEOUT = 30.0
 _EDGE = select.EPOLLIN | select.EPOLLET
 
 _HIPRIO_OPS = frozenset({abi.Opcode.FORGET, abi.Opcode.BATCH_FORGET, abi.Opcode.INTERRUPT})
-_SUPERVISOR_OPS = _HIPRIO_OPS | {abi.Opcode.INIT, abi.Opcode.DESTROY}
+_SUPERVISOR_OPS = frozenset(int(op) for op in (*_HIPRIO_OPS, abi.Opcode.INIT,
+                                                abi.Opcode.DESTROY))
 _READ, _WRITE = int(abi.Opcode.READ), int(abi.Opcode.WRITE)
+_FH_OPCODES = frozenset(int(op) for op in abi.FH_OPCODES)  # plain ints: cheaper lookups
+_DEAD = 1 << 30  # the load of a worker slot without a process
 _LEND_WRITE = 64 * 1024  # in.len from which a WRITE may be served by a non-owner
 
 
@@ -160,6 +164,7 @@ class Supervisor:
         self.listener: socket.socket | None = None
         self.conn: socket.socket | None = None
         self.epoll = select.epoll()
+        self.rr = 0  # round-robin start for ties between equally loaded workers
         self.completion_doorbell = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.table: InodeTable | None = None
         self.pool: WorkerPool | None = None
@@ -173,7 +178,6 @@ class Supervisor:
         self.status_listener: socket.socket | None = None
         self.status_path = ""
         self.started = time.monotonic()
-        self.rr = 0
         self.running = True
         self.exit_code = 0
         self._signal_r, self._signal_w = socket.socketpair()
@@ -395,39 +399,57 @@ class Supervisor:
             self.route(vring, heads)
 
     def route(self, vring: Vring, heads: list[int]) -> None:
+        """Send each request to a worker: fh-carrying ops to the fh's owner (or, for READ and
+        large WRITE, to a less busy worker that borrows the fd), the rest to the least-loaded
+        worker. Runs once per request: header fields are unpacked straight from guest
+        memory in Linux's layout (`peek_indirect`), with `peek_chain` for any other."""
         assert self.pool is not None and self.mem is not None
+        mem = self.mem
+        desc_table = vring.desc_table
         slots = self.pool.slots
         batches: dict[int, list[int]] = {}
-        loads = [len(s.inflight) if s.process is not None else 1 << 30 for s in slots]
+        loads = [len(s.inflight) if s.process is not None else _DEAD for s in slots]
+        idle = [load == 0 for load in loads]
         nslots = len(slots)
         queue = vring.index
         now = time.monotonic_ns()
         for head in heads:
-            try:
-                prefix = peek_chain(self.mem, vring.desc_gpa, vring.size, head, ROUTE_BYTES)
-            except GuestProtocolError as e:
-                log.warning("dropping chain queue=%d head=%d: %s", queue, head, e)
-                self.complete_now(vring, head, 0)
-                continue
-            if len(prefix) < 40:
-                log.warning("dropping chain queue=%d head=%d: %d-byte request", queue, head,
-                            len(prefix))
-                self.complete_now(vring, head, 0)
-                continue
-            _len, opcode, unique, nodeid = _IN_PREFIX.unpack_from(prefix)
+            fh = -1
+            views = peek_indirect(mem, desc_table, head) if desc_table is not None else None
+            if views is not None and len(views[0]) >= _IN_SIZE:
+                v0, v1 = views
+                in_len, opcode, unique, nodeid = _IN_PREFIX.unpack_from(v0)
+                if len(v0) >= ROUTE_BYTES:
+                    fh = _FH.unpack_from(v0, _IN_SIZE)[0]
+                elif len(v0) == _IN_SIZE and v1 is not None and len(v1) >= _FH.size:
+                    fh = _FH.unpack_from(v1)[0]
+            else:
+                try:
+                    prefix = peek_chain(mem, vring.desc_gpa, vring.size, head, ROUTE_BYTES)
+                except GuestProtocolError as e:
+                    log.warning("dropping chain queue=%d head=%d: %s", queue, head, e)
+                    self.complete_now(vring, head, 0)
+                    continue
+                if len(prefix) < _IN_SIZE:
+                    log.warning("dropping chain queue=%d head=%d: %d-byte request", queue,
+                                head, len(prefix))
+                    self.complete_now(vring, head, 0)
+                    continue
+                in_len, opcode, unique, nodeid = _IN_PREFIX.unpack_from(prefix)
+                if len(prefix) >= ROUTE_BYTES:
+                    fh = _FH.unpack_from(prefix, _IN_SIZE)[0]
             if opcode in _SUPERVISOR_OPS:
                 self._flush(batches, queue)
                 batches = {}
-                self.serve_here(vring, head, opcode, prefix)
+                self.serve_here(vring, head, opcode)
                 continue
-            if opcode in abi.FH_OPCODES and len(prefix) >= ROUTE_BYTES:
-                fh = _FH.unpack_from(prefix, 40)[0]
+            if opcode in _FH_OPCODES and fh >= 0:
                 owner = fh_owner(fh)
                 if not (0 <= owner < nslots) or slots[owner].process is None:
                     self.reply_error(vring, head, unique, errno.EBADF)
                     continue
-                lend = opcode == _READ or (opcode == _WRITE and _len >= _LEND_WRITE)
-                if lend and nslots > 1 and fh_lendable(fh):
+                if (nslots > 1 and (opcode == _READ or (opcode == _WRITE and in_len >= _LEND_WRITE))
+                        and fh_lendable(fh)):
                     # A busy owner's READ/large WRITE goes to the least-loaded worker, which
                     # borrows the fd (workers/passthrough/handles.py): one open file can
                     # then keep several workers busy. Small WRITEs stay: writers of one
@@ -437,22 +459,23 @@ class Supervisor:
                     if best < loads[owner]:
                         owner = loads.index(best)
             else:
-                # Least-loaded live worker; round-robin start so ties spread out.
-                start = self.rr = (self.rr + 1) % nslots
-                owner = start
-                best = loads[start]
-                for i in range(nslots):
-                    j = (start + i) % nslots
-                    if loads[j] < best:
-                        owner, best = j, loads[j]
-                if best >= 1 << 30:
+                best = min(loads)  # the least-loaded live worker, ties taken in turn
+                if best >= _DEAD:
                     self.reply_error(vring, head, unique, errno.EIO)
                     continue
+                self.rr = rr = (self.rr + 1) % nslots
+                owner = loads.index(best, rr) if best in loads[rr:] else loads.index(best)
             loads[owner] += 1
             slot = slots[owner]
             slot.inflight[queue << 16 | head] = (opcode, nodeid, unique, now)
             # pack_request(queue, head, epoch), inlined: this loop runs once per request
             record = queue | head << 16 | (slot.channel.epoch & 0xFFFFFFFF) << 32
+            if idle[owner]:
+                # An idle worker gets its first request at once: its wake-up then overlaps
+                # the routing of the rest (no extra wake: it is awake for the others).
+                idle[owner] = False
+                self._flush({owner: [record]}, queue)
+                continue
             batch = batches.get(owner)
             if batch is None:
                 batches[owner] = [record]
@@ -472,13 +495,13 @@ class Supervisor:
             channel.requests.wake_if_sleeping(channel.doorbell)
 
     # requests the supervisor serves itself
-    def serve_here(self, vring: Vring, head: int, opcode: int, prefix: bytes) -> None:
+    def serve_here(self, vring: Vring, head: int, opcode: int) -> None:
         if opcode in _HIPRIO_OPS:  # rarely on a request queue (READDIRPLUS error paths)
             self.serve_hiprio(vring, [head])
         elif opcode == abi.Opcode.INIT:
             self.serve_init(vring, head)
         elif opcode == abi.Opcode.DESTROY:
-            self.serve_destroy(vring, head, prefix)
+            self.serve_destroy(vring, head)
 
     def serve_hiprio(self, vring: Vring, heads: list[int]) -> None:
         """FORGET / BATCH_FORGET: no reply; drop lookup counts in the shared table."""
@@ -538,9 +561,11 @@ class Supervisor:
         log.info("FUSE session started", extra={"fields": {
             "minor": session.minor, "max_write": session.max_write}})
 
-    def serve_destroy(self, vring: Vring, head: int, prefix: bytes) -> None:
+    def serve_destroy(self, vring: Vring, head: int) -> None:
         self.quiesce(lambda key: True)
         self._destroy_session()
+        assert self.mem is not None
+        prefix = peek_chain(self.mem, vring.desc_gpa, vring.size, head, _IN_SIZE)
         unique = _IN_PREFIX.unpack_from(prefix)[2]
         self.reply_error(vring, head, unique, 0)
         log.info("FUSE session destroyed")
@@ -573,28 +598,32 @@ class Supervisor:
 
     # completions
     def drain_completions(self) -> None:
+        """Move every worker's completions to the used rings; one `used.idx` store and at
+        most one interrupt per queue per call."""
         assert self.pool is not None
         # A completion record is queue | head << 16 | length << 32 (pack_completion), and
-        # (head | length << 32) is the used element: decoded inline, once per request.
+        # (head | length << 32) is the used element: decoded by comprehensions, per batch.
         per_queue: dict[int, list[int]] = {}
         for slot in self.pool.slots:
             records = slot.channel.completions.pop_all()
             if not records:
                 continue
-            inflight = slot.inflight
-            for record in records:
-                head = record >> 16 & 0xFFFF
-                if inflight.pop((record & 0xFFFF) << 16 | head, None) is None:
-                    # Already answered (EIO after a stuck quiesce): never use a head twice.
-                    queue, head, _length = unpack_completion(record)
-                    log.warning("dropping late completion queue=%d head=%d", queue, head)
-                    continue
-                elem = head | record >> 32 << 32
-                elems = per_queue.get(record & 0xFFFF)
-                if elems is None:
-                    per_queue[record & 0xFFFF] = [elem]
-                else:
-                    elems.append(elem)
+            pop = slot.inflight.pop
+            answered = [pop((r & 0xFFFF) << 16 | r >> 16 & 0xFFFF, None) for r in records]
+            if None in answered:
+                # Already answered (EIO after a stuck quiesce): never use a head twice.
+                for r, entry in zip(records, answered, strict=True):
+                    if entry is None:
+                        queue, head, _length = unpack_completion(r)
+                        log.warning("dropping late completion queue=%d head=%d", queue, head)
+                records = [r for r, entry in zip(records, answered, strict=True)
+                           if entry is not None]
+            queues = {r & 0xFFFF for r in records}
+            for queue in queues:
+                mine = records if len(queues) == 1 else [r for r in records
+                                                         if r & 0xFFFF == queue]
+                per_queue.setdefault(queue, []).extend(
+                    [r >> 16 & 0xFFFF | r >> 32 << 32 for r in mine])
         if not per_queue or self.backend is None:
             return
         for queue, elems in per_queue.items():

@@ -21,7 +21,13 @@ from vfsd.transport.abi import (
     VRING_DESC_F_WRITE,
 )
 from vfsd.transport.memory import GuestMemory, MemRegion
-from vfsd.transport.virtqueue import Vring, peek_chain, read_chain, vring_need_event
+from vfsd.transport.virtqueue import (
+    Vring,
+    peek_chain,
+    peek_indirect,
+    read_chain,
+    vring_need_event,
+)
 
 NEXT, WRITE, INDIRECT = VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_DESC_F_INDIRECT
 HOLE = 0xA0000  # GuestRam's default layout: [0, 0xA0000) and [0xC0000, size)
@@ -580,3 +586,103 @@ def test_used_idx_store_is_never_seen_half_done(mq):
     zeros, changes = map(int, out.split())
     assert changes > 0, "the watcher did not observe the writer"
     assert zeros == 0
+
+
+# -- long tables in Linux's layout: the vectorised walk (`_walk_linear`) ---------------------
+def linux_table(q: MockQueue, readable: list[tuple[int, int]], writable: list[tuple[int, int]]
+                ) -> list[tuple[int, int, int, int]]:
+    """(addr, len) buffers linked in order, readable first, as Linux builds a table."""
+    flags = [0] * len(readable) + [WRITE] * len(writable)
+    bufs = readable + writable
+    return [(a, n, f | (NEXT if i < len(bufs) - 1 else 0), i + 1 if i < len(bufs) - 1 else 0)
+            for i, ((a, n), f) in enumerate(zip(bufs, flags, strict=True))]
+
+
+def indirect(q: MockQueue, entries) -> int:
+    return raw_chain(q, [(q.table(entries), 16 * len(entries), INDIRECT, 0)])
+
+
+def test_long_table_with_adjacent_pages_is_one_view_per_run(mq):
+    q = mq()
+    hdr = q.buf(bytes(range(80)))
+    out = q.ram.alloc(16)
+    pages = q.ram.alloc(32 * 512, 4096)
+    other = q.ram.alloc(512, 4096)
+    q.ram.write(pages, bytes(i % 251 for i in range(32 * 512)))
+    # 2 readable (adjacent: one run), 1 + 32 writable: out header, 20 adjacent pages, one
+    # page elsewhere, 12 adjacent pages again
+    runs = [(pages + 512 * i, 512) for i in range(20)] + [(other, 512)] + [
+        (pages + 512 * i, 512) for i in range(20, 32)]
+    c = q.chain(indirect(q, linux_table(q, [(hdr, 40), (hdr + 40, 40)], [(out, 16), *runs])))
+    assert [len(v) for v in c.readable] == [80]
+    assert c.readable[0].tobytes() == bytes(range(80))
+    assert [len(v) for v in c.writable] == [16, 20 * 512, 512, 12 * 512]
+    assert (c.readable_len, c.writable_len) == (80, 16 + 33 * 512)
+    assert c.writable[3].tobytes() == q.ram.read(pages + 20 * 512, 12 * 512)
+    c.writable[1][:4] = b"page"  # views write guest memory
+    assert q.ram.read(pages, 4) == b"page"
+
+
+def test_long_table_of_scattered_pages_is_one_view_per_buffer(mq):
+    q = mq()
+    hdr = q.buf(b"h" * 40)
+    pages = [q.ram.alloc(256, 4096) for _ in range(12)]
+    for i, gpa in enumerate(pages):
+        q.ram.write(gpa, bytes([i]) * 256)
+    # Reverse order: no buffer continues the previous one. Plus one in the other region.
+    far = q.ram.size - 64  # the end of the high region (the allocator starts low)
+    assert pages[0] < HOLE < far
+    bufs = [(gpa, 256) for gpa in reversed(pages)] + [(far, 64)]
+    c = q.chain(indirect(q, linux_table(q, [(hdr, 40)], bufs)))
+    assert [v.tobytes()[:1] for v in c.writable[:12]] == [bytes([i]) for i in range(11, -1, -1)]
+    assert [len(v) for v in c.writable] == [256] * 12 + [64]
+
+
+LONG = 12  # entries of padding: long enough for the vectorised walk
+
+
+@pytest.mark.parametrize("case", INDIRECT_FAULTS)
+def test_malformed_long_tables_fail_like_short_ones(mq, case):
+    """The vectorised walk hands anything unusual to the checked walk: same faults."""
+    build, fault = INDIRECT_FAULTS[case]
+    q = mq()
+    pad = q.buf(b"p")
+    entries = [(pad, 1, NEXT, i + 1) for i in range(LONG)]
+    entries += [(a, n, f, nxt + LONG if f & NEXT else nxt) for a, n, f, nxt in build(q)]
+    if case == "readable_after_writable":
+        entries[:LONG] = [(q.ram.alloc(1), 1, WRITE | NEXT, i + 1) for i in range(LONG)]
+    with pytest.raises(ChainError) as info:
+        q.chain(indirect(q, entries))
+    assert info.value.fault is fault
+
+
+def test_long_table_buffer_across_the_hole_is_a_bad_address(mq):
+    q = mq()
+    hdr = q.buf(b"h" * 40)
+    bufs = [(q.ram.alloc(16), 16) for _ in range(LONG)] + [(HOLE - 8, 16)]
+    with pytest.raises(ChainError) as info:
+        q.chain(indirect(q, linux_table(q, [(hdr, 40)], bufs)))
+    assert info.value.fault is ChainFault.BAD_ADDRESS
+
+
+def test_peek_indirect_reads_linux_layout_and_declines_the_rest(mq):
+    q = mq()
+    hdr = q.buf(b"H" * 40)
+    args = q.buf(b"A" * 16)
+    out = q.ram.alloc(16)
+    desc = q.vring.desc_table
+    head = indirect(q, linux_table(q, [(hdr, 40), (args, 16)], [(out, 16)]))
+    v0, v1 = peek_indirect(q.mem, desc, head)
+    assert (v0.tobytes(), v1.tobytes()) == (b"H" * 40, b"A" * 16)
+    head = indirect(q, linux_table(q, [(hdr, 40)], [(out, 16)]))
+    assert [v.tobytes() for v in peek_indirect(q.mem, desc, head)[:1]] == [b"H" * 40]
+    assert peek_indirect(q.mem, desc, head)[1] is None  # entry 1 is the reply's
+    raw_chain(q, [(hdr, 40, 0, 0)])  # a direct chain: not this path
+    assert peek_indirect(q.mem, desc, 0) is None
+    for entries in ([(out, 16, WRITE, 0)], [(q.table([(hdr, 40, 0, 0)]), 16, INDIRECT, 0)]):
+        assert peek_indirect(q.mem, desc, indirect(q, entries)) is None
+    raw_chain(q, [(HOLE, 32, INDIRECT, 0)])  # table outside guest memory
+    assert peek_indirect(q.mem, desc, 0) is None
+    raw_chain(q, [(q.table([(HOLE, 40, 0, 0)]), 16, INDIRECT, 0)])
+    assert peek_indirect(q.mem, desc, 0) is None
+    assert peek_indirect(q.mem, desc, q.size) is None  # head beyond the ring

@@ -54,6 +54,7 @@ __all__ = [
     "VringLayout",
     "full_fence",
     "peek_chain",
+    "peek_indirect",
     "read_chain",
     "vring_need_event",
 ]
@@ -67,7 +68,7 @@ _LINEAR_MIN, _LINEAR_MAX = 8, 1024
 _NEXT_SEQ = tuple(range(1, 65536))  # `next` fields of a table laid out in order
 _DESC_PAIR = struct.Struct("<QIHHQIHH")  # two table entries at once (the peek fast path)
 _PEEK_FLAGS = VRING_DESC_F_INDIRECT | VRING_DESC_F_NEXT
-_PEEK_STOP = VRING_DESC_F_INDIRECT | VRING_DESC_F_WRITE  # entries the peek fast path leaves
+_PEEK_STOP = VRING_DESC_F_INDIRECT | VRING_DESC_F_WRITE  # entries peek_indirect leaves
 _R, _W = VRING_DESC_F_NEXT, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE  # flags of a linked entry
 
 def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
@@ -277,27 +278,6 @@ def peek_chain(mem: GuestMemory, desc_gpa: int, queue_size: int, head: int, nbyt
                ) -> bytes:
     """Copy of the first `nbytes` of the chain's readable part (fewer if it is shorter).
     Walks only as far as needed, with the same bounds as `read_chain`."""
-    if 0 <= head < queue_size:
-        # The supervisor peeks every request: Linux's layout (an indirect table whose first one
-        # or two entries hold the prefix) is read without building a walk.
-        try:
-            addr, length, flags, _ = DESC.unpack_from(mem.view(desc_gpa + (head << 4), 16))
-            if (flags & _PEEK_FLAGS == VRING_DESC_F_INDIRECT and length
-                    and not length & 15 and length <= _MAX_INDIRECT_LEN):
-                if length >= 32:
-                    a0, l0, f0, n0, a1, l1, f1, _ = _DESC_PAIR.unpack_from(mem.view(addr, 32))
-                else:
-                    a0, l0, f0, n0 = DESC.unpack_from(mem.view(addr, 16))
-                    a1 = l1 = f1 = 0
-                if not f0 & _PEEK_STOP:
-                    if l0 >= nbytes or not f0 & VRING_DESC_F_NEXT:
-                        return bytes(mem.view(a0, min(l0, nbytes)))
-                    if (n0 == 1 and length >= 32 and not f1 & _PEEK_STOP
-                            and (l0 + l1 >= nbytes or not f1 & VRING_DESC_F_NEXT)):
-                        return (bytes(mem.view(a0, l0))
-                                + bytes(mem.view(a1, min(l1, nbytes - l0))))
-        except GuestMemoryError:
-            pass  # the walk below names the fault
     readable, _w, _rl, _wl = _walk(mem, desc_gpa, queue_size, head, nbytes)
     out = bytearray()
     for buf in readable:
@@ -306,6 +286,32 @@ def peek_chain(mem: GuestMemory, desc_gpa: int, queue_size: int, head: int, nbyt
             break
         out += buf[:need]
     return bytes(out)
+
+
+def peek_indirect(mem: GuestMemory, desc_table: memoryview, head: int
+                  ) -> tuple[memoryview, memoryview | None] | None:
+    """The supervisor's per-request look, for Linux's layout only: `head` is an INDIRECT
+    descriptor whose table starts with one or two readable entries (a request's header and
+    its arguments). Returns views of those entries (the second only if the first links to
+    it), or None for any other shape or a bad address: `peek_chain` then does the checked
+    walk. No copy: the caller unpacks what it needs at once."""
+    try:
+        addr, length, flags, _ = DESC.unpack_from(desc_table, head << 4)
+        if flags & _PEEK_FLAGS != VRING_DESC_F_INDIRECT or length & 15 or not length:
+            return None
+        if length >= 32:
+            a0, l0, f0, n0, a1, l1, f1, _ = _DESC_PAIR.unpack_from(mem.view(addr, 32))
+            if f0 & _PEEK_STOP:
+                return None
+            if f0 & VRING_DESC_F_NEXT and n0 == 1 and not f1 & _PEEK_STOP:
+                return mem.view(a0, l0), mem.view(a1, l1)
+        else:
+            a0, l0, f0, _ = DESC.unpack_from(mem.view(addr, 16))
+            if f0 & _PEEK_STOP:
+                return None
+        return mem.view(a0, l0), None
+    except (GuestMemoryError, struct.error, IndexError):
+        return None
 
 
 # -- the ring (supervisor side) --------------------------------------------------------------
@@ -330,7 +336,7 @@ class Vring:
 
     __slots__ = (
         "_avail", "_avail_event_at", "_mask", "_used", "_used_elems", "_used_event_at",
-        "avail_gpa", "call_fd", "desc_gpa", "enabled", "err_fd", "event_idx", "index",
+        "avail_gpa", "call_fd", "desc_gpa", "desc_table", "enabled", "err_fd", "event_idx", "index",
         "kick_fd", "last_avail_idx", "max_size", "signalled_used", "signalled_used_valid",
         "size", "started", "used_gpa", "used_idx",
     )
@@ -358,6 +364,7 @@ class Vring:
         self._unmap()
 
     def _unmap(self) -> None:
+        self.desc_table: memoryview | None = None  # for `peek_indirect`
         self._avail: memoryview | None = None  # u16: flags, idx, ring[size], used_event
         self._used: memoryview | None = None  # u16: flags, idx, (elems), avail_event
         self._used_elems: memoryview | None = None  # u64 per used element: id | len << 32
@@ -404,11 +411,12 @@ class Vring:
         if not size or not self.used_gpa:
             return False
         try:
-            mem.view(self.desc_gpa, desc_table_size(size))  # only checked here; walkers view it
+            desc_table = mem.view(self.desc_gpa, desc_table_size(size))
             avail = mem.view(self.avail_gpa, avail_ring_size(size))
             used = mem.view(self.used_gpa, used_ring_size(size))
         except GuestMemoryError:
             return False
+        self.desc_table = desc_table
         self._avail = avail.cast("H")
         self._used = used.cast("H")
         self._used_elems = used[4 : 4 + 8 * size].cast("Q")
