@@ -93,6 +93,12 @@ def test_cli_table_and_bad_arguments():
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "read4k" in proc.stdout and "ops/s" in proc.stdout
+    # Scattered pages: the back-end maps every page on its own, and still answers right.
+    proc = subprocess.run([*run, "--spawn", "vfsd:2", "-w", "read1m", "write1m", "-q", "4",
+                           "-d", "0.2", "--scatter", "--file-size", "8M"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "read1m" in proc.stdout and "write1m" in proc.stdout
     bad = subprocess.run([*run, "--spawn", "vfsd", "-w", "nope"], cwd=REPO,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown workload" in bad.stderr

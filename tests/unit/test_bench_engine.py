@@ -191,3 +191,16 @@ def test_engine_rejects_requests_larger_than_the_slot(fake):
     [slot] = engine.make_slots(1)
     with pytest.raises(BenchError, match="exceeds"):
         engine.submit(slot, Opcode.READ, 1, 40, out_len=1 << 20)
+
+
+@pytest.mark.parametrize("scatter", [False, True])
+def test_payload_pages_adjacent_or_scattered(fake, scatter):
+    client = fake(getattr_responder(lambda n: None))
+    engine = Engine(client, scatter=scatter)  # type: ignore[arg-type]
+    segs = engine._segments(0x10000, 10_000, 0)
+    assert [n for _, n, _ in segs] == [4096, 4096, 1808]  # stream order, short piece last
+    if scatter:  # reverse placement: no piece follows the one before it in memory
+        assert [a - 0x10000 for a, _, _ in segs] == [8192, 4096, 0]
+        assert engine._room(10_000) == 3 * 4096  # the short piece gets a whole slot
+    else:
+        assert [a - 0x10000 for a, _, _ in segs] == [0, 4096, 8192]

@@ -67,6 +67,9 @@ def parser() -> argparse.ArgumentParser:
                    help="OPENs of the data file shared by the slots (default 1: one open file)")
     p.add_argument("--segment", type=_size, default=4096,
                    help="payload descriptor size (default 4096: the guest's pages; 0: one)")
+    p.add_argument("--scatter", action="store_true",
+                   help="payload pages in reverse guest-physical order (no two adjacent), as "
+                        "a guest's page cache often is; default: adjacent pages")
     p.add_argument("--queue-size", type=int, default=1024, help="virtqueue size")
     p.add_argument("--timeout", type=float, default=10.0,
                    help="seconds without any completion before the run is declared stalled")
@@ -89,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     options = Options(file_size=args.file_size, dir_entries=args.dir_entries,
                       handles=args.handles, io_size=args.io_size)
     session_kw: dict[str, Any] = {"queue_size": args.queue_size, "segment": args.segment,
-                                  "timeout": args.timeout}
+                                  "scatter": args.scatter, "timeout": args.timeout}
     spawn_kw: dict[str, Any] = {"workdir": args.workdir}
     results: list[Result] = []
     meta: list[dict[str, Any]] = []

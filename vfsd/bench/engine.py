@@ -97,8 +97,8 @@ class Engine:
     """Pipelined FUSE traffic on one request queue (+ FORGETs on hiprio) of a started client."""
 
     def __init__(self, client: VhostUserClient, *, queue: int = REQUEST_QUEUE,
-                 hiprio: int = HIPRIO_QUEUE, segment: int = PAGE, uid: int = 0, gid: int = 0,
-                 stall_timeout: float = 10.0) -> None:
+                 hiprio: int = HIPRIO_QUEUE, segment: int = PAGE, scatter: bool = False,
+                 uid: int = 0, gid: int = 0, stall_timeout: float = 10.0) -> None:
         self.client = client
         self.ram = client.ram
         self.queue = queue
@@ -108,6 +108,7 @@ class Engine:
         if not self.q.indirect:
             raise BenchError("the back-end did not negotiate VIRTIO_RING_F_INDIRECT_DESC")
         self.segment = segment
+        self.scatter = scatter
         self.uid, self.gid, self.pid = uid, gid, os.getpid()
         self.stall_timeout = stall_timeout
         self._unique = 2
@@ -143,11 +144,11 @@ class Engine:
             s.hdr_gpa = ram.alloc(IN_SIZE + args_max, 64)
             s.hdr = ram.view(s.hdr_gpa, IN_SIZE)
             s.args = ram.view(s.hdr_gpa + IN_SIZE, args_max)
-            s.data_gpa = ram.alloc(in_data, PAGE)
+            s.data_gpa = ram.alloc(self._room(in_data), PAGE)
             s.data = ram.view(s.data_gpa, max(in_data, 1))
             s.out_gpa = ram.alloc(OUT_SIZE, 64)
             s.out = ram.view(s.out_gpa, OUT_SIZE)
-            s.body_gpa = ram.alloc(out_body, PAGE)
+            s.body_gpa = ram.alloc(self._room(out_body), PAGE)
             s.body = ram.view(s.body_gpa, max(out_body, 1))
             self._by_head[s.head] = s
             slots.append(s)
@@ -166,6 +167,11 @@ class Engine:
     def _pages(self, n: int) -> int:
         seg = self.segment or n or 1
         return -(-n // seg)
+
+    def _room(self, n: int) -> int:
+        """Bytes to allocate for an n-byte payload: whole segments (`scatter` places the
+        short last piece in a whole slot)."""
+        return self._pages(n) * (self.segment or n) if n else 0
 
     # -- issuing -----------------------------------------------------------------------------
     def submit(self, slot: Slot, opcode: int, nodeid: int, args_len: int, *,
@@ -214,8 +220,16 @@ class Engine:
         slot.shape = shape
 
     def _segments(self, gpa: int, n: int, flags: int) -> list[tuple[int, int, int]]:
+        """The payload's descriptors: `segment`-byte pieces of the buffer at `gpa`, in
+        order (adjacent in guest memory, so a back-end may merge them), or with `scatter`
+        the pieces of the stream placed in reverse order in the buffer (none adjacent)."""
         seg = self.segment or n
-        return [(gpa + off, min(seg, n - off), flags) for off in range(0, n, seg)] if n else []
+        offsets = range(0, n, seg)
+        if not self.scatter:
+            return [(gpa + off, min(seg, n - off), flags) for off in offsets]
+        slots = list(reversed(offsets))  # stream piece i lives in the i-th slot from the end
+        return [(gpa + slot, min(seg, n - off), flags) for off, slot in zip(offsets, slots,
+                                                                              strict=True)]
 
     def forget(self, nodeid: int, nlookup: int = 1) -> None:
         """Queue a FORGET on the hiprio queue (sent at the end of the current batch)."""

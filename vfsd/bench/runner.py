@@ -83,7 +83,7 @@ class BenchSession:
 
     def __init__(self, socket_path: str, *, pid: int | None = None, label: str = "backend",
                  options: Options | None = None, max_queue_depth: int = 16,
-                 queue_size: int = QUEUE_SIZE, segment: int = 4096,
+                 queue_size: int = QUEUE_SIZE, segment: int = 4096, scatter: bool = False,
                  timeout: float = 10.0) -> None:
         self.label = label
         self.options = options or Options()
@@ -96,7 +96,8 @@ class BenchSession:
             self.client.start()
             self.transport = VhostTransport(self.client, timeout=timeout)
             self.init: InitReply = parse_init(FuseClient(self.transport).init())
-            self.engine = Engine(self.client, segment=segment, stall_timeout=timeout)
+            self.engine = Engine(self.client, segment=segment, scatter=scatter,
+                                 stall_timeout=timeout)
             self.ctx = Context(self.transport, self.engine, self.init, self.options)
         except BaseException:
             self.client.close()
