@@ -39,7 +39,7 @@ from vfsd.metrics.collector import DaemonState, WorkerState, make_registry
 from vfsd.metrics.http import MetricsServer
 from vfsd.metrics.slab import MetricsBook
 from vfsd.pool import HaltServer, WorkerPool, WorkerSlot
-from vfsd.transport import FramingError, GuestProtocolError
+from vfsd.transport import FramingError, GuestMemoryError, GuestProtocolError
 from vfsd.transport.backend import VhostUserBackend
 from vfsd.transport.codec import decode
 from vfsd.transport.connection import PeerClosed, recv_frame, send_message
@@ -72,25 +72,7 @@ _DEAD = 1 << 30  # the load of a worker slot without a process
 # 82-96k not; write4k 39-48k vs 55-76k: borrowing syscalls, and writers of one file queue
 # on its inode lock).
 _LEND_MIN = 64 * 1024
-_READ_SIZE = struct.Struct("<I")  # fuse_read_in.size, at body offset 16
-
-
-def _read_size(views: tuple[memoryview, memoryview | None] | None) -> int:
-    """fuse_read_in.size of a READ in Linux's layout (0 when not found: not lent)."""
-    if views is None:
-        return 0
-    v0, v1 = views
-    if len(v0) >= _IN_SIZE + 20:
-        return _READ_SIZE.unpack_from(v0, _IN_SIZE + 16)[0]
-    if v1 is not None and len(v0) == _IN_SIZE and len(v1) >= 20:
-        return _READ_SIZE.unpack_from(v1, 16)[0]
-    return 0
-    v0, v1 = views
-    if len(v0) >= 60:
-        return _READ_SIZE.unpack_from(v0, 56)[0]
-    if v1 is not None and len(v0) == 40 and len(v1) >= 20:
-        return _READ_SIZE.unpack_from(v1, 16)[0]
-    return 0
+_READ_HEAD = struct.Struct("<QQI")  # fuse_read_in: fh, offset, size
 
 
 class StartupError(Exception):
@@ -439,15 +421,28 @@ class Supervisor:
         now = time.monotonic_ns()
         for head in heads:
             fh = -1
-            views = peek_indirect(mem, desc_table, head) if desc_table is not None else None
-            if views is not None and len(views[0]) >= _IN_SIZE:
-                v0, v1 = views
-                in_len, opcode, unique, nodeid = _IN_PREFIX.unpack_from(v0)
-                if len(v0) >= ROUTE_BYTES:
-                    fh = _FH.unpack_from(v0, _IN_SIZE)[0]
-                elif len(v0) == _IN_SIZE and v1 is not None and len(v1) >= _FH.size:
-                    fh = _FH.unpack_from(v1)[0]
+            io = 0  # READ/WRITE payload bytes, when known
+            found = peek_indirect(mem, desc_table, head) if desc_table is not None else None
+            if found is not None and found[1] >= _IN_SIZE:
+                a0, l0, a1, l1 = found
+                try:
+                    in_len, opcode, unique, nodeid = mem.unpack(_IN_PREFIX, a0)
+                    if opcode in _FH_OPCODES:
+                        # The body (fh first; a READ's size at 16) follows the header in
+                        # the same buffer, or starts the next one.
+                        body, room = ((a0 + _IN_SIZE, l0 - _IN_SIZE) if l0 > _IN_SIZE
+                                      else (a1, l1))
+                        if room >= _READ_HEAD.size and opcode == _READ:
+                            fh, _offset, io = mem.unpack(_READ_HEAD, body)
+                        elif room >= _FH.size:
+                            fh = mem.unpack(_FH, body)[0]
+                        else:
+                            found = None  # the fh is split: gather the prefix below
+                except GuestMemoryError:
+                    found = None  # a buffer outside guest memory: the checked walk says so
             else:
+                found = None
+            if found is None:
                 try:
                     prefix = peek_chain(mem, vring.desc_gpa, vring.size, head, ROUTE_BYTES)
                 except GuestProtocolError as e:
@@ -472,8 +467,8 @@ class Supervisor:
                 if not (0 <= owner < nslots) or slots[owner].process is None:
                     self.reply_error(vring, head, unique, errno.EBADF)
                     continue
-                io = (_read_size(views) if opcode == _READ
-                      else in_len - _IN_SIZE if opcode == _WRITE else 0)
+                if opcode == _WRITE:
+                    io = in_len - _IN_SIZE
                 if io >= _LEND_MIN and nslots > 1 and fh_lendable(fh):
                     # A busy owner's large READ/WRITE goes to the least-loaded worker, which
                     # borrows the fd (workers/passthrough/handles.py): one open file can
@@ -486,8 +481,11 @@ class Supervisor:
                 if best >= _DEAD:
                     self.reply_error(vring, head, unique, errno.EIO)
                     continue
-                self.rr = rr = (self.rr + 1) % nslots
-                owner = loads.index(best, rr) if best in loads[rr:] else loads.index(best)
+                if nslots == 1:
+                    owner = 0
+                else:
+                    self.rr = rr = (self.rr + 1) % nslots
+                    owner = loads.index(best, rr) if best in loads[rr:] else loads.index(best)
             loads[owner] += 1
             slot = slots[owner]
             slot.inflight[queue << 16 | head] = (opcode, nodeid, unique, now)

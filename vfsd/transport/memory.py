@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import mmap
 import os
+import struct
 from bisect import bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from vfsd.transport import GuestMemoryError
 
@@ -114,6 +116,14 @@ class GuestMemory:
         if off >= 0 and length >= 0 and off + length <= self._hit_size:
             return self._hit_view[off : off + length]
         return self._view_slow(gpa, length)
+
+    def unpack(self, st: struct.Struct, gpa: int) -> tuple[Any, ...]:
+        """`st.unpack_from` guest memory at `gpa` (bounds-checked like `view`), without
+        creating a view: for the few fields the supervisor reads per request."""
+        off = gpa - self._hit_gpa
+        if off >= 0 and off + st.size <= self._hit_size:
+            return st.unpack_from(self._hit_view, off)
+        return st.unpack_from(self._view_slow(gpa, st.size))
 
     def hit_window(self) -> tuple[int, int, memoryview]:
         """(gpa, size, view) of the region the last `view()` hit, for loops that inline the

@@ -289,27 +289,28 @@ def peek_chain(mem: GuestMemory, desc_gpa: int, queue_size: int, head: int, nbyt
 
 
 def peek_indirect(mem: GuestMemory, desc_table: memoryview, head: int
-                  ) -> tuple[memoryview, memoryview | None] | None:
+                  ) -> tuple[int, int, int, int] | None:
     """The supervisor's per-request look, for Linux's layout only: `head` is an INDIRECT
     descriptor whose table starts with one or two readable entries (a request's header and
-    its arguments). Returns views of those entries (the second only if the first links to
-    it), or None for any other shape or a bad address: `peek_chain` then does the checked
-    walk. No copy: the caller unpacks what it needs at once."""
+    its arguments). Returns (gpa, len) of the first and of the second entry ((0, 0) unless
+    the first links to it), or None for any other shape or a table outside guest memory:
+    `peek_chain` then does the checked walk. Nothing is mapped or copied: the caller reads
+    the fields it needs with `GuestMemory.unpack`, which bounds-checks each read."""
     try:
         addr, length, flags, _ = DESC.unpack_from(desc_table, head << 4)
         if flags & _PEEK_FLAGS != VRING_DESC_F_INDIRECT or length & 15 or not length:
             return None
         if length >= 32:
-            a0, l0, f0, n0, a1, l1, f1, _ = _DESC_PAIR.unpack_from(mem.view(addr, 32))
+            a0, l0, f0, n0, a1, l1, f1, _ = mem.unpack(_DESC_PAIR, addr)
             if f0 & _PEEK_STOP:
                 return None
             if f0 & VRING_DESC_F_NEXT and n0 == 1 and not f1 & _PEEK_STOP:
-                return mem.view(a0, l0), mem.view(a1, l1)
+                return a0, l0, a1, l1
         else:
-            a0, l0, f0, _ = DESC.unpack_from(mem.view(addr, 16))
+            a0, l0, f0, _ = mem.unpack(DESC, addr)
             if f0 & _PEEK_STOP:
                 return None
-        return mem.view(a0, l0), None
+        return a0, l0, 0, 0
     except (GuestMemoryError, struct.error, IndexError):
         return None
 
