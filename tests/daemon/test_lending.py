@@ -45,6 +45,17 @@ def burst(client, requests, reply_size):
     return out
 
 
+def concurrent_read_errors(client, nodeid: int, fh: int, count: int = 8) -> list[int]:
+    """The errnos of `count` READs of `fh` sent together, each large enough to be lent."""
+    reads = [build(Opcode.READ, nodeid, abi.READ_IN.pack(fh, 0, CHUNK, 0, 0, 0, 0),
+                   unique=9000 + 2 * i) for i in range(count)]
+    heads = [client.submit(REQUEST_QUEUE, [r], [16, CHUNK], kick=False) for r in reads]
+    client.kick(REQUEST_QUEUE, force=True)
+    done = client.wait(REQUEST_QUEUE, timeout=20, count=len(heads))
+    assert len(done) == count
+    return [-abi.OUT_HEADER.unpack_from(c.data)[1] for c in done]
+
+
 def test_one_fh_keeps_two_workers_busy(tmp_path):
     export = tmp_path / "export"
     export.mkdir()
@@ -70,12 +81,7 @@ def test_one_fh_keeps_two_workers_busy(tmp_path):
             assert burst(client, reads, CHUNK) == [pattern(i) for i in range(CHUNKS)]
         ok(fuse.release(nodeid, fh))
         # After RELEASE nothing is left to borrow: a stale fh is EBADF on every worker.
-        stale = [build(Opcode.READ, nodeid, abi.READ_IN.pack(fh, 0, 16, 0, 0, 0, 0),
-                       unique=9000 + 2 * i) for i in range(8)]
-        heads = [client.submit(REQUEST_QUEUE, [r], [16, 16], kick=False) for r in stale]
-        client.kick(REQUEST_QUEUE, force=True)
-        done = client.wait(REQUEST_QUEUE, timeout=20, count=len(heads))
-        assert [abi.OUT_HEADER.unpack_from(c.data)[1] for c in done] == [-errno.EBADF] * 8
+        assert concurrent_read_errors(client, nodeid, fh) == [errno.EBADF] * 8
         client.close()
         assert daemon.wait(10) == 0
         # Without lending the owner would have served every READ/WRITE.
@@ -86,7 +92,7 @@ def test_one_fh_keeps_two_workers_busy(tmp_path):
 def test_fh_of_a_dead_owner_is_not_borrowed(tmp_path):
     export = tmp_path / "export"
     export.mkdir()
-    (export / "f").write_bytes(b"x" * 4096)
+    (export / "f").write_bytes(b"x" * CHUNK)
     with Daemon(tmp_path, export, workers=2) as daemon:
         client = connect(daemon, num_queues=2)
         fuse = Session(daemon, client).fuse
@@ -98,12 +104,7 @@ def test_fh_of_a_dead_owner_is_not_borrowed(tmp_path):
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and "killed by SIGKILL" not in daemon.log():
             time.sleep(0.05)
-        reads = [build(Opcode.READ, nodeid, abi.READ_IN.pack(fh, 0, 16, 0, 0, 0, 0),
-                       unique=2 + 2 * i) for i in range(8)]
-        heads = [client.submit(REQUEST_QUEUE, [r], [16, 16], kick=False) for r in reads]
-        client.kick(REQUEST_QUEUE, force=True)
-        done = client.wait(REQUEST_QUEUE, timeout=20, count=len(heads))
-        assert [abi.OUT_HEADER.unpack_from(c.data)[1] for c in done] == [-errno.EBADF] * 8
+        assert concurrent_read_errors(client, nodeid, fh) == [errno.EBADF] * 8
         client.close()
         assert daemon.wait(10) == 0
 
