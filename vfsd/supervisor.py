@@ -40,6 +40,7 @@ from vfsd.metrics.http import MetricsServer
 from vfsd.metrics.slab import MetricsBook
 from vfsd.pool import HaltServer, WorkerPool, WorkerSlot
 from vfsd.transport import FramingError, GuestMemoryError, GuestProtocolError
+from vfsd.transport.abi import DESC
 from vfsd.transport.backend import VhostUserBackend
 from vfsd.transport.codec import decode
 from vfsd.transport.connection import PeerClosed, recv_frame, send_message
@@ -73,6 +74,9 @@ _DEAD = 1 << 30  # the load of a worker slot without a process
 # on its inode lock).
 _LEND_MIN = 64 * 1024
 _READ_HEAD = struct.Struct("<QQI")  # fuse_read_in: fh, offset, size
+# A whole FORGET: in_header (len, opcode, unique, nodeid, 16 bytes unused) + nlookup.
+_FORGET_REQ = struct.Struct("<IIQQ16xQ")
+_FORGET = int(abi.Opcode.FORGET)
 
 
 class StartupError(Exception):
@@ -527,10 +531,21 @@ class Supervisor:
     def serve_hiprio(self, vring: Vring, heads: list[int]) -> None:
         """FORGET / BATCH_FORGET: no reply; drop lookup counts in the shared table."""
         assert self.mem is not None and self.table is not None
+        mem = self.mem
+        desc_table = vring.desc_table
         used = []
         for head in heads:
             try:
-                data = peek_chain(self.mem, vring.desc_gpa, vring.size, head, 48)
+                if desc_table is not None:
+                    # Linux sends a FORGET as one direct buffer: read it in place.
+                    addr, length, flags, _ = DESC.unpack_from(desc_table, head << 4)
+                    if not flags and length >= _FORGET_REQ.size:
+                        _len, opcode, _unique, nodeid, nlookup = mem.unpack(_FORGET_REQ, addr)
+                        if opcode == _FORGET:
+                            self.table.forget(nodeid, nlookup)
+                            used.append((head, 0))
+                            continue
+                data = peek_chain(mem, vring.desc_gpa, vring.size, head, 48)
                 _len, opcode, _unique, nodeid = _IN_PREFIX.unpack_from(data)
                 if opcode == abi.Opcode.FORGET:
                     self.table.forget(nodeid, abi.FORGET_IN.unpack_from(data, 40)[0])
