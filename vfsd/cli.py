@@ -78,6 +78,10 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="log to syslog/journald instead of stderr")
     p.add_argument("--rlimit-nofile", dest="rlimit_nofile", type=int, metavar="N",
                    help="open-file limit for vfsd and its workers")
+    p.add_argument("--supervisor-cpus", dest="supervisor_cpus", metavar="CPULIST",
+                   help="CPUs the supervisor runs on, e.g. 0 (default: inherited)")
+    p.add_argument("--worker-cpus", dest="worker_cpus", metavar="CPULIST",
+                   help="CPUs the workers run on, e.g. 1-3 (default: inherited)")
     p.add_argument("--print-capabilities", action="store_true",
                    help="print the vhost-user backend capabilities (JSON) and exit")
     # Accepted for drop-in compatibility, not implemented: each warns once at start-up.
@@ -175,7 +179,7 @@ def settings_from_args(argv: list[str]) -> config.Settings:
     if args.debug:
         cli["log_level"] = "debug"
     for key in ("socket_path", "socket_fd", "shared_dir", "log_level", "log_format",
-                "socket_group", "syslog", "rlimit_nofile",
+                "socket_group", "syslog", "rlimit_nofile", "supervisor_cpus", "worker_cpus",
                 *_FS_FLAGS):
         value = getattr(args, key)
         if value is not None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from vfsd.affinity import parse_cpulist
 from vfsd.fuse.idmap import IdMap, IdMapError
 from vfsd.fuse.options import CACHE_MODES, HANDLE_MODES, FsOptions
 from vfsd.fuse.xattrmap import XattrMap, XattrMapError
@@ -61,6 +62,14 @@ def _idmap(v: tuple[str, ...]) -> str | None:
 def _listen_address(v: str) -> str | None:
     try:
         parse_listen(v)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _cpulist(v: str) -> str | None:
+    try:
+        parse_cpulist(v)
     except ValueError as e:
         return str(e)
     return None
@@ -112,6 +121,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("syslog", bool, False, "Log to syslog/journald instead of stderr."),
     Setting("rlimit_nofile", int, None, "Open-file limit for vfsd and its workers.",
             check=_positive),
+    Setting("supervisor_cpus", str, None, "CPUs the supervisor runs on (a cpulist: '0',"
+            " '0-1,4'); default: inherited.", check=_cpulist),
+    Setting("worker_cpus", str, None, "CPUs the workers run on (a cpulist); default:"
+            " inherited. Keep them off the supervisor's CPU on small hosts.", check=_cpulist),
     Setting("metrics", bool, True, "Serve Prometheus metrics."),
     Setting("metrics_listen", str, "127.0.0.1:9720", "HOST:PORT of the /metrics endpoint.",
             check=_listen_address),
@@ -152,6 +165,8 @@ class Settings:
     socket_group: str | None = None
     syslog: bool = False
     rlimit_nofile: int | None = None
+    supervisor_cpus: str | None = None
+    worker_cpus: str | None = None
     metrics: bool = True
     metrics_listen: str = "127.0.0.1:9720"
 

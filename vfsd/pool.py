@@ -65,6 +65,7 @@ class WorkerPool:
         self.table = table
         self.book = book
         self.record_metrics = True
+        self.worker_cpus: frozenset[int] | None = None  # sched_setaffinity in each worker
         self.options = options
         self.completion_doorbell = completion_doorbell
         self.slots = [WorkerSlot(i) for i in range(size)]
@@ -84,6 +85,7 @@ class WorkerPool:
             close_fds=self.close_in_child(),
             metrics_slab=self.book.renew(slot.index),  # folds the dead incarnation's counts
             record_metrics=self.record_metrics,
+            cpus=self.worker_cpus,
         )
         process = _fork.Process(target=worker_main.run, args=(spec,), daemon=True,
                                 name=f"vfsd-worker-{slot.index}")

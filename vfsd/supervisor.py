@@ -26,6 +26,7 @@ from typing import Any
 import orjson
 
 from vfsd import __version__, sdnotify, status
+from vfsd.affinity import parse_cpulist, usable
 from vfsd.config import BY_KEY, ConfigError, Settings
 from vfsd.dispatch import control
 from vfsd.dispatch.channel import CB_HEARTBEAT_NS, CB_SERVED
@@ -203,6 +204,10 @@ class Supervisor:
             raise StartupError(str(e)) from e
         if self.settings.rlimit_nofile:
             set_nofile_limit(self.settings.rlimit_nofile)  # workers inherit it
+        worker_cpus = self._cpus("worker_cpus")
+        supervisor_cpus = self._cpus("supervisor_cpus")
+        if supervisor_cpus is not None and worker_cpus is None:
+            worker_cpus = frozenset(os.sched_getaffinity(0))  # not the supervisor's set
         self.listener = listen(self.settings)
         self.status_path = status.status_path(self.settings.socket_path, os.getpid())
         self.status_listener = listen_status(self.status_path)
@@ -212,6 +217,9 @@ class Supervisor:
         self.pool = WorkerPool(workers, self.table, self.options, self.completion_doorbell,
                                self.book)
         self.pool.close_in_child = self._supervisor_fds
+        self.pool.worker_cpus = worker_cpus
+        if supervisor_cpus is not None:
+            os.sched_setaffinity(0, supervisor_cpus)
         self.pool.record_metrics = self.settings.metrics
         self.pool.spawn_all()
         for slot in self.pool.slots:
@@ -237,8 +245,19 @@ class Supervisor:
         log.info("vfsd ready", extra={"fields": {
             "export": shared, "socket": socket_name, "workers": len(self.pool.slots),
             "cache": self.settings.cache,
-            "metrics": self.metrics_server.url if self.metrics_server else "off"}})
+            "metrics": self.metrics_server.url if self.metrics_server else "off",
+            **{key: getattr(self.settings, key) for key in ("supervisor_cpus", "worker_cpus")
+               if getattr(self.settings, key) is not None}}})
         sdnotify.ready(f"serving {shared} to {socket_name}")
+
+    def _cpus(self, key: str) -> frozenset[int] | None:
+        text = getattr(self.settings, key)
+        if text is None:
+            return None
+        try:
+            return usable(parse_cpulist(text))
+        except ValueError as e:
+            raise StartupError(f"{key} {text}: {e}") from e
 
     def _supervisor_fds(self) -> tuple[int | socket.socket, ...]:
         """What a freshly forked worker must close: everything only the supervisor uses."""

@@ -95,6 +95,7 @@ class WorkerSpec:
     close_fds: tuple[int | socket.socket, ...]  # supervisor-only fds inherited through fork
     metrics_slab: Slab
     record_metrics: bool = True
+    cpus: frozenset[int] | None = None  # worker_cpus (the supervisor checked them)
 
 
 class Worker:
@@ -253,6 +254,8 @@ def run(spec: WorkerSpec) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    if spec.cpus is not None:
+        os.sched_setaffinity(0, spec.cpus)
     own_end = spec.channel.control
     for fd in (*spec.close_fds, *((own_end,) if own_end is not None else ())):
         # detach() so a socket object left in the forked copy never closes a reused number

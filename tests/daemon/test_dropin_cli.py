@@ -6,6 +6,7 @@ import resource
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.daemon.conftest import Session, connect
 from tests.daemon_proc import REPO, Daemon
@@ -55,3 +56,29 @@ def test_socket_group_and_rlimit_take_effect(tmp_path):
         client.close()
         assert daemon.wait(10) == 0
     assert resource.getrlimit(resource.RLIMIT_NOFILE)  # the test process is unaffected
+
+
+def test_supervisor_and_worker_cpus_take_effect(tmp_path):
+    cpus = sorted(os.sched_getaffinity(0))
+    sup, wrk = str(cpus[0]), str(cpus[-1])
+    export = tmp_path / "export"
+    export.mkdir()
+    with Daemon(tmp_path, export, workers=2,
+                extra=["--supervisor-cpus", sup, "--worker-cpus", wrk]) as daemon:
+        client = connect(daemon, num_queues=2)
+        assert Session(daemon, client).fuse.init().error == 0
+        children = Path(f"/proc/{daemon.proc.pid}/task/{daemon.proc.pid}/children")
+        workers = [int(p) for p in children.read_text().split()]
+        assert len(workers) == 2
+        assert os.sched_getaffinity(daemon.proc.pid) == {int(sup)}
+        assert all(os.sched_getaffinity(pid) == {int(wrk)} for pid in workers)
+        assert f"supervisor_cpus={sup}" in daemon.log()
+        client.close()
+        assert daemon.wait(10) == 0
+    # A CPU the daemon may not use is a one-line start-up error naming the setting.
+    proc = subprocess.run([sys.executable, "-m", "vfsd", "--socket-path",
+                           str(tmp_path / "other.sock"), "--shared-dir", str(export),
+                           "--worker-cpus", str(cpus[-1] + 1)],
+                          capture_output=True, text=True, cwd=REPO, timeout=30)
+    assert proc.returncode != 0
+    assert f"worker_cpus {cpus[-1] + 1}: CPU(s) {cpus[-1] + 1} not available" in proc.stderr

@@ -1,6 +1,7 @@
 """Settings: defaults, YAML validation with file/line/key in errors, CLI precedence."""
 
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,8 @@ def test_check_config_command(tmp_path, capsys):
         ("inode_file_handles: always\n", "inode_file_handles: must be one of never, prefer"),
         ("cache: metadatas\n", "cache: must be one of"),
         ("posix_acl: maybe\n", "posix_acl: expected bool"),
+        ("worker_cpus: 1-0\n", "f.yaml:1: worker_cpus: '1-0' is not a range of CPU numbers"),
+        ("supervisor_cpus: 'x'\n", "supervisor_cpus: 'x' is not a CPU number or range"),
     ],
 )
 def test_option_values_are_checked(tmp_path, monkeypatch, text, message):
@@ -147,6 +150,7 @@ def test_virtiofsd_flags_and_o_forms():
         (["-o", "xattr=sometimes"], "xattr: expected bool"),
         (["--translate-uid", "map:1"], "translate_uid: invalid translation"),
         (["--xattrmap", ":ok:"], "xattrmap: invalid mapping"),
+        (["--worker-cpus", "0,,1"], "worker_cpus: '' is not a CPU number or range"),
     ],
 )
 def test_bad_option_values_fail_start_up_naming_the_option(argv, message, capsys):
@@ -164,3 +168,18 @@ def test_inode_file_handles_never_means_one_worker(caplog):
     assert s.worker_count == 1
     s = config.build({}, {"shared_dir": "/proc", "workers": 3})
     assert s.worker_count == 3  # mandatory (the default): refused at start-up instead
+
+
+def test_cpulists():
+    from vfsd.affinity import format_cpulist, parse_cpulist, usable
+
+    assert parse_cpulist("0") == {0}
+    assert parse_cpulist("0-2, 5,7-8") == {0, 1, 2, 5, 7, 8}
+    assert format_cpulist(frozenset({0, 1, 2, 5, 7, 8})) == "0-2,5,7-8"
+    for bad in ("", "-1", "3-1", "a", "1-", "99999"):
+        with pytest.raises(ValueError):
+            parse_cpulist(bad)
+    allowed = frozenset(os.sched_getaffinity(0))
+    assert usable(allowed) == allowed
+    with pytest.raises(ValueError, match="not available"):
+        usable(frozenset({max(allowed) + 1}))

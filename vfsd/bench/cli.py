@@ -11,7 +11,9 @@ Exit status: 0, or 1 if any reply was wrong (errors are counted and shown, never
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import shlex
 import sys
 from typing import Any
 
@@ -48,6 +50,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", metavar="DIR",
                    help="where --spawn makes its temporary export (default: $TMPDIR or /tmp; "
                         "/dev/shm takes the disk file system out of create/write numbers)")
+    p.add_argument("--vfsd-args", metavar="ARGS", default="",
+                   help="extra command-line arguments for spawned vfsd daemons, e.g. "
+                        "'--supervisor-cpus 0 --worker-cpus 1'")
     p.add_argument("--vfsd-root", metavar="DIR",
                    help="--spawn vfsd runs the checkout in DIR (e.g. an exported older commit, "
                         "to compare); default: the one this bench comes from")
@@ -112,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                                         thread_pool_size=args.thread_pool_size,
                                         virtiofsd=args.virtiofsd,
                                         vfsd_root=args.vfsd_root)
+                if spec.kind == "vfsd" and args.vfsd_args:
+                    spec = dataclasses.replace(spec, extra=tuple(shlex.split(args.vfsd_args)))
                 got, info = run_spawned(spec, names, args.queue_depth, args.duration, options,
                                         progress, spawn_kw=spawn_kw, **session_kw)
                 results += got
