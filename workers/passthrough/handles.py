@@ -81,26 +81,37 @@ class Lending:
         if q[b] != fh:
             raise OSError(errno.EBADF, "unknown file handle")
         word = q[b + 1]
-        pid = word >> 32
-        pidfd = self._pidfds.get(pid)
         try:
-            if pid == os.getpid():  # two file systems in one process (tests)
-                fd = os.dup(word & (_IS_DIR - 1))
-            else:
-                if pidfd is None:
-                    pidfd = self._pidfds[pid] = os.pidfd_open(pid)
-                fd = _syscall(_SYS_PIDFD_GETFD, pidfd, word & (_IS_DIR - 1), 0)
-                if fd < 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, os.strerror(err))
+            fd = self._getfd(word >> 32, word & (_IS_DIR - 1))
         except OSError as e:
-            if pidfd is not None and e.errno == errno.ESRCH:
-                os.close(self._pidfds.pop(pid))  # the owner died
             raise OSError(errno.EBADF, f"cannot borrow the file handle: {e}") from e
         if q[b] != fh:  # released while we duplicated: the number may be another file's
             os.close(fd)
             raise OSError(errno.EBADF, "file handle released")
         return fd, bool(word & _IS_DIR)
+
+
+    def _getfd(self, pid: int, fd: int) -> int:
+        """A duplicate of fd `fd` of process `pid` (pidfds are cached per owner pid)."""
+        if pid == os.getpid():  # two file systems in one process (tests)
+            return os.dup(fd)
+        pidfd = self._pidfds.get(pid)
+        if pidfd is not None:
+            try:
+                return _pidfd_getfd(pidfd, fd)
+            except ProcessLookupError:
+                # The cached pidfd's process is gone; its pid may now be a new worker's.
+                os.close(self._pidfds.pop(pid))
+        pidfd = self._pidfds[pid] = os.pidfd_open(pid)
+        return _pidfd_getfd(pidfd, fd)
+
+
+def _pidfd_getfd(pidfd: int, fd: int) -> int:
+    ret = _syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0)
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))  # ESRCH becomes ProcessLookupError
+    return int(ret)
 
 
 LENDING = Lending()
