@@ -722,13 +722,14 @@ class Supervisor:
         if sentinel is not None and sentinel in self.sentinels:
             self.epoll.unregister(sentinel)
             del self.sentinels[sentinel]
+        # Before the reap frees its pid: nobody may borrow the dead worker's fds by number.
+        LENDING.orphan(slot.index)
         if self.pool.reap(slot) is None:
             log.error("worker %d closed its sentinel but did not exit; killing it", slot.index)
             self.pool.kill(slot)
             self.pool.reap(slot)
         self.drain_completions()  # what it finished before dying
         self._fail_inflight(slot)
-        LENDING.clear(slot.index)  # its fds are gone: nobody may borrow them by number
         if self.running:
             self.pool.spawn(slot)
             self._watch(slot)

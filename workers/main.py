@@ -270,5 +270,9 @@ def run(spec: WorkerSpec) -> None:
     except OSError as e:
         log.error("worker %d cannot start: %s", spec.index, e)
         os._exit(EXIT_BOOT_ERROR)
+    recovered, lost = fs.recover_handles()
+    if recovered or lost:
+        log.info("worker %d reopened %d open files of its predecessor (%d lost)", spec.index,
+                 recovered, lost)
     Worker(spec, FuseServer(fs)).run()
     os._exit(EXIT_OK)

@@ -9,7 +9,7 @@ import signal
 import pytest
 
 from vfsd.dispatch.fh import make_fh
-from workers.passthrough.handles import Lending
+from workers.passthrough.handles import Handle, Lending
 
 
 @pytest.fixture
@@ -24,7 +24,7 @@ def owners():
             try:
                 os.close(r)
                 fd = os.open(path, os.O_RDONLY)
-                lending.publish(0, fh & 0xFFF, fh, fd, False)
+                lending.publish(0, fh & 0xFFF, fh, Handle(fd, 7, os.O_RDONLY, False))
                 os.write(w, b"x")
                 signal.pause()
             finally:
@@ -69,7 +69,14 @@ def test_borrow_checks_the_fh_and_survives_a_stale_pidfd(tmp_path, owners):
     with pytest.raises(OSError) as e:
         lending.borrow(make_fh(0, 2 << 12 | 5))  # same slot, another sequence: not that fh
     assert e.value.errno == errno.EBADF
+    # The owner dies: its fds can no longer be borrowed, its handles wait for a successor.
+    lending.orphan(0)
+    with pytest.raises(OSError) as e:
+        lending.borrow(fh)
+    assert e.value.errno == errno.EBADF
+    assert lending.orphans(0) == [(5, fh, 7, os.O_RDONLY, False)]
     lending.withdraw(0, 5)
+    assert lending.orphans(0) == []
     with pytest.raises(OSError) as e:
         lending.borrow(fh)  # released
     assert e.value.errno == errno.EBADF

@@ -277,6 +277,29 @@ class PassthroughFs(FileSystem):
         self._dirbuf = ctypes.create_string_buffer(8192)
         self._warned_mounts: set[int] = set()
 
+    def recover_handles(self) -> tuple[int, int]:
+        """Reopen the files and directories a dead predecessor in this worker slot had open
+        for the guest, so their fhs keep working (the same nodeid, the open flags without
+        O_CREAT/O_EXCL/O_TRUNC; locks and flock on them are gone with the old process).
+        Returns (recovered, lost)."""
+        recovered = lost = 0
+        for slot, fh, nodeid, flags, is_dir in self.handles.orphans():
+            handle = None
+            try:
+                ipath = self.inodes.fd(nodeid)
+                if is_dir:
+                    handle = Handle(os.open(".", _O_DIR, dir_fd=ipath), nodeid, _O_DIR, True)
+                else:
+                    flags &= ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC)
+                    handle = Handle(self._reopen_regular(ipath, flags), nodeid, flags, False)
+                recovered += 1
+            except OSError as e:
+                log.warning("cannot reopen fh %#x (nodeid %d) of the previous worker: %s",
+                            fh, nodeid, e)
+                lost += 1
+            self.handles.adopt(slot, fh, handle)
+        return recovered, lost
+
     def close(self) -> None:
         """Release every fd (tests; a worker process just exits)."""
         self.destroy()

@@ -10,8 +10,10 @@ owner's close, as before).
 
 local (48 bits) = incarnation (12 bits) | sequence (24 bits) | lending slot (12 bits): a
 respawned worker (new incarnation) never mistakes a handle its dead predecessor gave the
-guest for one of its own; the slot says where the owner published (pid, fd) for borrowers
-(`NO_SLOT` when all are taken: that handle is served by its owner only).
+guest for one of its own; the slot says where the owner published (pid, fd, nodeid,
+flags) for borrowers (`NO_SLOT` when all are taken: that handle is served by its owner
+only, and is lost if the owner dies). A respawned worker reopens its predecessor's
+published handles (`orphans` / `adopt`) and serves their fhs as they are.
 """
 
 from __future__ import annotations
@@ -30,44 +32,63 @@ SLOTS = 1 << _SLOT_BITS  # lending slots per worker (the last one means "not len
 NO_SLOT = FH_NO_SLOT
 _SEQ_MASK = (1 << (_COUNTER_BITS - _SLOT_BITS)) - 1
 _IS_DIR = 1 << 31  # in the published fd word
+_DIR_HANDLE = 1 << 62  # in the published flags word (it outlives the fd word)
 _SYS_PIDFD_GETFD = 438
 _syscall = ctypes.CDLL(None, use_errno=True).syscall
 _syscall.restype = ctypes.c_long
 
 
 class Lending:
-    """Per worker and lending slot, two u64 in shared memory: the fh (0 = free) and
-    fd | is_dir << 31 | owner pid << 32. Created at import, that is in the supervisor before
-    any worker is forked, so every worker maps the same table.
+    """Per worker and lending slot, four u64 in shared memory: the fh (0 = free);
+    fd | is_dir << 31 | owner pid << 32 (0 while nobody holds it); the nodeid; the open
+    flags. Created at import, that is in the supervisor before any worker is forked, so
+    every worker maps the same table.
 
-    The owner writes the fd word, then the fh (publish); on release it clears the fh before
-    it closes the fd. A borrower checks the fh, duplicates the fd, and checks the fh again:
-    equal means the duplicate is the handle's description (x86 keeps stores in order, and
-    the close that could recycle the fd number comes after the clearing store).
+    The owner writes the other words, then the fh (publish); on release it clears the fh
+    before it closes the fd. A borrower checks the fh, duplicates the fd, and checks the fh
+    and the fd word again: equal means the duplicate is the handle's description (x86 keeps
+    stores in order, and the close that could recycle the fd number comes after the
+    clearing store). When a worker dies the supervisor clears its fd words (`orphan`)
+    before reaping it, so its pid cannot be reused under a borrower; the fh, nodeid and
+    flags stay for the replacement worker, which reopens those files (`orphans`) and serves
+    the guest's fhs on.
     """
 
     def __init__(self, workers: int = MAX_WORKERS) -> None:
         self.workers = workers
-        self._mm = mmap.mmap(-1, 16 * SLOTS * workers)  # MAP_SHARED | MAP_ANONYMOUS, lazy
+        self._mm = mmap.mmap(-1, 32 * SLOTS * workers)  # MAP_SHARED | MAP_ANONYMOUS, lazy
         self._q = memoryview(self._mm).cast("Q")
         self._pidfds: dict[int, int] = {}  # borrower side: owner pid -> pidfd
 
-    def publish(self, owner: int, slot: int, fh: int, fd: int, is_dir: bool) -> None:
-        if slot == NO_SLOT or owner >= self.workers or fd < 0:
+    def publish(self, owner: int, slot: int, fh: int, handle: Handle) -> None:
+        if slot == NO_SLOT or owner >= self.workers or handle.fd < 0:
             return
-        b = 2 * (owner * SLOTS + slot)
-        self._q[b + 1] = fd | (_IS_DIR if is_dir else 0) | os.getpid() << 32
-        self._q[b] = fh
+        b = 4 * (owner * SLOTS + slot)
+        q = self._q
+        q[b + 1] = handle.fd | (_IS_DIR if handle.is_dir else 0) | os.getpid() << 32
+        q[b + 2] = handle.nodeid
+        q[b + 3] = handle.flags | (_DIR_HANDLE if handle.is_dir else 0)
+        q[b] = fh
 
     def withdraw(self, owner: int, slot: int) -> None:
         if slot != NO_SLOT and owner < self.workers:
-            self._q[2 * (owner * SLOTS + slot)] = 0
+            self._q[4 * (owner * SLOTS + slot)] = 0
 
-    def clear(self, owner: int) -> None:
-        """Forget every handle of a worker (it died: its fhs are stale)."""
+    def orphan(self, owner: int) -> None:
+        """A worker died: nobody may borrow its fds any more (their numbers mean nothing
+        now); its fhs stay listed for `orphans`."""
         if owner < self.workers:
-            start = 2 * owner * SLOTS
-            self._q[start : start + 2 * SLOTS] = memoryview(bytes(16 * SLOTS)).cast("Q")
+            start = 4 * owner * SLOTS
+            self._q[start + 1 : start + 4 * SLOTS : 4] = memoryview(bytes(8 * SLOTS)).cast("Q")
+
+    def orphans(self, owner: int) -> list[tuple[int, int, int, int, bool]]:
+        """(slot, fh, nodeid, flags, is_dir) of every handle a dead predecessor left."""
+        if owner >= self.workers:
+            return []
+        q = self._q
+        start = 4 * owner * SLOTS
+        return [(slot, q[b], q[b + 2], q[b + 3] & ~_DIR_HANDLE, bool(q[b + 3] & _DIR_HANDLE))
+                for slot, b in enumerate(range(start, start + 4 * SLOTS, 4)) if q[b]]
 
     def borrow(self, fh: int) -> tuple[int, bool]:
         """(a duplicate of the owner's fd for `fh`, is_dir). The caller closes the fd.
@@ -77,16 +98,18 @@ class Lending:
         if slot == NO_SLOT or not 0 <= owner < self.workers:
             raise OSError(errno.EBADF, "unknown file handle")
         q = self._q
-        b = 2 * (owner * SLOTS + slot)
+        b = 4 * (owner * SLOTS + slot)
         if q[b] != fh:
             raise OSError(errno.EBADF, "unknown file handle")
         word = q[b + 1]
+        if not word:
+            raise OSError(errno.EBADF, "file handle of a dead worker")
         try:
             fd = self._getfd(word >> 32, word & (_IS_DIR - 1))
         except OSError as e:
             raise OSError(errno.EBADF, f"cannot borrow the file handle: {e}") from e
-        if q[b] != fh:  # released while we duplicated: the number may be another file's
-            os.close(fd)
+        if q[b] != fh or q[b + 1] != word:  # released or orphaned meanwhile: the number may
+            os.close(fd)  # be another file's now
             raise OSError(errno.EBADF, "file handle released")
         return fd, bool(word & _IS_DIR)
 
@@ -136,7 +159,6 @@ class HandleTable:
         self._seq = 0
         self._free_slots = list(range(NO_SLOT - 1, -1, -1))
         self._lending = lending
-        lending.clear(worker_index)  # nothing a dead predecessor published stays valid
 
     def __len__(self) -> int:
         return len(self._handles)
@@ -150,8 +172,21 @@ class HandleTable:
                 break
         self._handles[local] = handle
         fh = make_fh(self.worker_index, local)
-        self._lending.publish(self.worker_index, slot, fh, handle.fd, handle.is_dir)
+        self._lending.publish(self.worker_index, slot, fh, handle)
         return fh
+
+    def orphans(self) -> list[tuple[int, int, int, int, bool]]:
+        """(slot, fh, nodeid, flags, is_dir) of the handles a dead predecessor left open."""
+        return self._lending.orphans(self.worker_index)
+
+    def adopt(self, slot: int, fh: int, handle: Handle | None) -> None:
+        """Serve a dead predecessor's `fh` with `handle` (reopened), or drop it (None)."""
+        if handle is None:
+            self._lending.withdraw(self.worker_index, slot)
+            return
+        self._free_slots.remove(slot)
+        self._handles[fh_local(fh)] = handle
+        self._lending.publish(self.worker_index, slot, fh, handle)
 
     def find(self, fh: int) -> Handle | None:
         if fh_owner(fh) != self.worker_index:
