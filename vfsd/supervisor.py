@@ -31,7 +31,7 @@ from vfsd.config import BY_KEY, ConfigError, Settings
 from vfsd.dispatch import control
 from vfsd.dispatch.channel import CB_HEARTBEAT_NS, CB_SERVED
 from vfsd.dispatch.fh import fh_lendable, fh_owner
-from vfsd.dispatch.ring import RingFull, unpack_completion
+from vfsd.dispatch.ring import RingFull, pack_request, unpack_completion
 from vfsd.fs.inode_table import InodeTable
 from vfsd.fuse import abi
 from vfsd.fuse.init import negotiate
@@ -68,6 +68,11 @@ _SUPERVISOR_OPS = frozenset(int(op) for op in (*_HIPRIO_OPS, abi.Opcode.INIT,
 _READ, _WRITE = int(abi.Opcode.READ), int(abi.Opcode.WRITE)
 _FH_OPCODES = frozenset(int(op) for op in abi.FH_OPCODES)  # plain ints: cheaper lookups
 _DEAD = 1 << 30  # the load of a worker slot without a process
+# Requests that change nothing: a dead worker's ones run again on its successor.
+_REPLAYABLE = frozenset(int(op) for op in (
+    abi.Opcode.GETATTR, abi.Opcode.READ, abi.Opcode.READDIR, abi.Opcode.STATFS,
+    abi.Opcode.ACCESS, abi.Opcode.READLINK, abi.Opcode.GETXATTR, abi.Opcode.LISTXATTR,
+    abi.Opcode.LSEEK, abi.Opcode.GETLK))
 # READ/WRITE of at least this many bytes may be served by a worker that is not the fh's
 # owner (it borrows the fd). Smaller ones stay with the owner: on a 2-core machine lending
 # 4 KiB ops costs more than it gains (read4k QD 16, 2 workers: 57-81k ops/s lent vs
@@ -176,6 +181,7 @@ class Supervisor:
         self.conn: socket.socket | None = None
         self.epoll = select.epoll()
         self.rr = 0  # round-robin start for ties between equally loaded workers
+        self._replayed: set[int] = set()  # uniques replayed after a worker death
         self.completion_doorbell = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.table: InodeTable | None = None
         self.pool: WorkerPool | None = None
@@ -729,11 +735,42 @@ class Supervisor:
             self.pool.kill(slot)
             self.pool.reap(slot)
         self.drain_completions()  # what it finished before dying
+        replay = self._take_replayable(slot)
         self._fail_inflight(slot)
         if self.running:
             self.pool.spawn(slot)
             self._watch(slot)
             self._resync(slot)
+            self._replay(slot, replay)
+        else:
+            slot.inflight.update(replay)
+            self._fail_inflight(slot)
+
+    def _take_replayable(self, slot: WorkerSlot) -> dict[int, tuple[int, int, int, int]]:
+        """The dead worker's in-flight requests that may simply run again: those that
+        change nothing (GETATTR, READ, READDIR, ...), each at most once, so a request that
+        kills its worker cannot kill the next one too."""
+        replay = {}
+        if len(self._replayed) > 4096:
+            self._replayed.clear()  # uniques only grow; this only forgets old ones
+        for key, entry in list(slot.inflight.items()):
+            opcode, _nodeid, unique, _t = entry
+            if opcode in _REPLAYABLE and unique not in self._replayed:
+                self._replayed.add(unique)
+                replay[key] = entry
+                del slot.inflight[key]
+        return replay
+
+    def _replay(self, slot: WorkerSlot, replay: dict[int, tuple[int, int, int, int]]) -> None:
+        """Send requests back to the slot's new worker: it holds the dead one's reopened
+        handles (fh ops) and may borrow other owners' fds (lent READs)."""
+        if not replay:
+            return
+        epoch = slot.channel.epoch  # after _resync: the worker applies that first
+        slot.inflight.update(replay)
+        self._flush({slot.index: [pack_request(key >> 16, key & 0xFFFF, epoch)
+                                  for key in replay]}, 0)
+        log.warning("replayed %d requests of dead worker %d", len(replay), slot.index)
 
     def _fail_inflight(self, slot: WorkerSlot) -> None:
         """Requests a dead or stuck worker never answered get EIO (replay comes later)."""

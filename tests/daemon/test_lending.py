@@ -154,3 +154,47 @@ def test_a_dead_workers_open_files_are_reopened_by_its_successor(tmp_path):
         ok(fuse.releasedir(dir_id, dir_fh))
         client.close()
         assert daemon.wait(10) == 0
+
+
+def test_requests_of_a_dead_worker_that_change_nothing_run_again(tmp_path):
+    """GETATTR/READ in flight on a worker that dies are answered by its successor; a
+    request that changes something (MKDIR) gets EIO, as the guest cannot know if it ran."""
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "f").write_bytes(pattern(5))
+    with Daemon(tmp_path, export, workers=1) as daemon:
+        client = connect(daemon, num_queues=2)
+        fuse = Session(daemon, client).fuse
+        ok(fuse.init())
+        nodeid, _ = entry(ok(fuse.lookup(1, b"f")))
+        fh, _ = open_fh(ok(fuse.open(nodeid, os.O_RDONLY)))
+        pid = _worker_pid(daemon, 0)
+        os.kill(pid, signal.SIGSTOP)  # the worker holds what it is sent, then dies
+        requests = [
+            (build(Opcode.GETATTR, nodeid, abi.GETATTR_IN.pack(0, 0, 0), unique=1000), 104),
+            (build(Opcode.READ, nodeid, abi.READ_IN.pack(fh, 0, CHUNK, 0, 0, 0, 0),
+                   unique=1002), CHUNK),
+            (build(Opcode.MKDIR, 1, abi.MKDIR_IN.pack(0o755, 0) + b"new\0", unique=1004), 128),
+        ]
+        heads = {client.submit(REQUEST_QUEUE, [req], [16, size], kick=False): i
+                 for i, (req, size) in enumerate(requests)}
+        client.kick(REQUEST_QUEUE, force=True)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not _inflight(daemon) >= 3:
+            time.sleep(0.02)
+        os.kill(pid, signal.SIGKILL)
+        done = client.wait(REQUEST_QUEUE, timeout=20, count=3)
+        assert len(done) == 3
+        by_index = {heads[c.head]: c for c in done}
+        errors = [-abi.OUT_HEADER.unpack_from(by_index[i].data)[1] for i in range(3)]
+        assert errors == [0, 0, errno.EIO], daemon.log()
+        assert by_index[1].data[16:by_index[1].used_len] == pattern(5)
+        assert "replayed 2 requests of dead worker 0" in daemon.log()
+        client.close()
+        assert daemon.wait(10) == 0
+
+
+def _inflight(daemon) -> int:
+    from vfsd import status
+
+    return status.query(daemon.socket_path + ".status")["inflight_total"]
