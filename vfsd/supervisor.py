@@ -41,12 +41,11 @@ from vfsd.metrics.http import MetricsServer
 from vfsd.metrics.slab import MetricsBook
 from vfsd.pool import HaltServer, WorkerPool, WorkerSlot
 from vfsd.transport import FramingError, GuestMemoryError, GuestProtocolError
-from vfsd.transport.abi import DESC
 from vfsd.transport.backend import VhostUserBackend
 from vfsd.transport.codec import decode
 from vfsd.transport.connection import PeerClosed, recv_frame, send_message
 from vfsd.transport.memory import GuestMemory
-from vfsd.transport.virtqueue import Vring, peek_chain, peek_indirect, read_chain
+from vfsd.transport.virtqueue import Vring, peek_buffers, peek_chain, read_chain
 from workers.passthrough.fs import ExportError, check_export
 from workers.passthrough.handles import LENDING
 
@@ -437,7 +436,7 @@ class Supervisor:
         """Send each request to a worker: fh-carrying ops to the fh's owner (or, for READ and
         large WRITE, to a less busy worker that borrows the fd), the rest to the least-loaded
         worker. Runs once per request: header fields are unpacked straight from guest
-        memory in Linux's layout (`peek_indirect`), with `peek_chain` for any other."""
+        memory in Linux's layouts (`peek_buffers`), with `peek_chain` for any other."""
         assert self.pool is not None and self.mem is not None
         mem = self.mem
         desc_table = vring.desc_table
@@ -451,7 +450,7 @@ class Supervisor:
         for head in heads:
             fh = -1
             io = 0  # READ/WRITE payload bytes, when known
-            found = peek_indirect(mem, desc_table, head) if desc_table is not None else None
+            found = peek_buffers(mem, desc_table, head) if desc_table is not None else None
             if found is not None and found[1] >= _IN_SIZE:
                 a0, l0, a1, l1 = found
                 try:
@@ -561,15 +560,13 @@ class Supervisor:
         used = []
         for head in heads:
             try:
-                if desc_table is not None:
-                    # Linux sends a FORGET as one direct buffer: read it in place.
-                    addr, length, flags, _ = DESC.unpack_from(desc_table, head << 4)
-                    if not flags and length >= _FORGET_REQ.size:
-                        _len, opcode, _unique, nodeid, nlookup = mem.unpack(_FORGET_REQ, addr)
-                        if opcode == _FORGET:
-                            self.table.forget(nodeid, nlookup)
-                            used.append((head, 0))
-                            continue
+                found = peek_buffers(mem, desc_table, head) if desc_table is not None else None
+                if found is not None and found[1] >= _FORGET_REQ.size:  # a FORGET, in place
+                    _len, opcode, _unique, nodeid, nlookup = mem.unpack(_FORGET_REQ, found[0])
+                    if opcode == _FORGET:
+                        self.table.forget(nodeid, nlookup)
+                        used.append((head, 0))
+                        continue
                 data = peek_chain(mem, vring.desc_gpa, vring.size, head, 48)
                 _len, opcode, _unique, nodeid = _IN_PREFIX.unpack_from(data)
                 if opcode == abi.Opcode.FORGET:

@@ -24,8 +24,8 @@ from vfsd.transport.abi import (
 from vfsd.transport.memory import GuestMemory, MemRegion
 from vfsd.transport.virtqueue import (
     Vring,
+    peek_buffers,
     peek_chain,
-    peek_indirect,
     read_chain,
     vring_need_event,
 )
@@ -666,23 +666,33 @@ def test_long_table_buffer_across_the_hole_is_a_bad_address(mq):
     assert info.value.fault is ChainFault.BAD_ADDRESS
 
 
-def test_peek_indirect_reads_linux_layout_and_declines_the_rest(mq):
+def test_peek_buffers_reads_linux_layouts_and_declines_the_rest(mq):
     q = mq()
     hdr = q.buf(b"H" * 40)
     args = q.buf(b"A" * 16)
     out = q.ram.alloc(16)
     desc = q.vring.desc_table
     head = indirect(q, linux_table(q, [(hdr, 40), (args, 16)], [(out, 16)]))
-    assert peek_indirect(q.mem, desc, head) == (hdr, 40, args, 16)
+    assert peek_buffers(q.mem, desc, head) == (hdr, 40, args, 16)
     head = indirect(q, linux_table(q, [(hdr, 40)], [(out, 16)]))
-    assert peek_indirect(q.mem, desc, head) == (hdr, 40, 0, 0)  # entry 1 is the reply's
+    assert peek_buffers(q.mem, desc, head) == (hdr, 40, 0, 0)  # entry 1 is the reply's
     assert q.mem.unpack(struct.Struct("<4s"), hdr + 36) == (b"HHHH",)
     with pytest.raises(GuestMemoryError):
         q.mem.unpack(struct.Struct("<8s"), HOLE - 4)  # reads are bounds-checked
-    raw_chain(q, [(hdr, 40, 0, 0)])  # a direct chain: not this path
-    assert peek_indirect(q.mem, desc, 0) is None
+    raw_chain(q, [(hdr, 48, 0, 0)])  # one direct buffer (how Linux sends a FORGET)
+    assert peek_buffers(q.mem, desc, 0) == (hdr, 48, 0, 0)
+    raw_chain(q, [(hdr, 40, NEXT, 3), (0, 0, 0, 0), (0, 0, 0, 0), (args, 16, NEXT, 1)])
+    assert peek_buffers(q.mem, desc, 0) == (hdr, 40, args, 16)  # direct, linked anywhere
+    raw_chain(q, [(hdr, 40, NEXT, 1), (out, 16, WRITE, 0)])
+    assert peek_buffers(q.mem, desc, 0) == (hdr, 40, 0, 0)
+    raw_chain(q, [(hdr, 40, NEXT, q.size)])  # next beyond the ring
+    assert peek_buffers(q.mem, desc, 0) is None
+    raw_chain(q, [(out, 16, WRITE, 0)])
+    assert peek_buffers(q.mem, desc, 0) is None
+    raw_chain(q, [(q.table([(hdr, 40, 0, 0)]), 16, INDIRECT | NEXT, 1)])  # illegal combination
+    assert peek_buffers(q.mem, desc, 0) is None
     for entries in ([(out, 16, WRITE, 0)], [(q.table([(hdr, 40, 0, 0)]), 16, INDIRECT, 0)]):
-        assert peek_indirect(q.mem, desc, indirect(q, entries)) is None
+        assert peek_buffers(q.mem, desc, indirect(q, entries)) is None
     raw_chain(q, [(HOLE, 32, INDIRECT, 0)])  # table outside guest memory
-    assert peek_indirect(q.mem, desc, 0) is None
-    assert peek_indirect(q.mem, desc, q.size) is None  # head beyond the ring
+    assert peek_buffers(q.mem, desc, 0) is None
+    assert peek_buffers(q.mem, desc, q.size) is None  # head beyond the ring

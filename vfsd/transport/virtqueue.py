@@ -53,8 +53,8 @@ __all__ = [
     "VringError",
     "VringLayout",
     "full_fence",
+    "peek_buffers",
     "peek_chain",
-    "peek_indirect",
     "read_chain",
     "vring_need_event",
 ]
@@ -67,8 +67,7 @@ _NO_LIMIT = 1 << 64
 _LINEAR_MIN, _LINEAR_MAX = 8, 1024
 _NEXT_SEQ = tuple(range(1, 65536))  # `next` fields of a table laid out in order
 _DESC_PAIR = struct.Struct("<QIHHQIHH")  # two table entries at once (the peek fast path)
-_PEEK_FLAGS = VRING_DESC_F_INDIRECT | VRING_DESC_F_NEXT
-_PEEK_STOP = VRING_DESC_F_INDIRECT | VRING_DESC_F_WRITE  # entries peek_indirect leaves
+_PEEK_STOP = VRING_DESC_F_INDIRECT | VRING_DESC_F_WRITE  # buffers peek_buffers leaves
 _R, _W = VRING_DESC_F_NEXT, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE  # flags of a linked entry
 
 def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
@@ -288,28 +287,34 @@ def peek_chain(mem: GuestMemory, desc_gpa: int, queue_size: int, head: int, nbyt
     return bytes(out)
 
 
-def peek_indirect(mem: GuestMemory, desc_table: memoryview, head: int
-                  ) -> tuple[int, int, int, int] | None:
-    """The supervisor's per-request look, for Linux's layout only: `head` is an INDIRECT
-    descriptor whose table starts with one or two readable entries (a request's header and
-    its arguments). Returns (gpa, len) of the first and of the second entry ((0, 0) unless
-    the first links to it), or None for any other shape or a table outside guest memory:
+def peek_buffers(mem: GuestMemory, desc_table: memoryview, head: int
+                 ) -> tuple[int, int, int, int] | None:
+    """The supervisor's per-request look, for the layouts Linux uses: the chain's first one
+    or two readable buffers (a request's header and its arguments), either in the indirect
+    table `head` points to, or in the ring itself (a FORGET is one direct buffer). Returns
+    (gpa, len) of the first and of the second buffer ((0, 0) unless the first links to a
+    readable one), or None for any other shape or a table outside guest memory:
     `peek_chain` then does the checked walk. Nothing is mapped or copied: the caller reads
     the fields it needs with `GuestMemory.unpack`, which bounds-checks each read."""
+    a1 = l1 = f1 = 0
+    linked = False  # the first buffer's `next` names the second one
     try:
-        addr, length, flags, _ = DESC.unpack_from(desc_table, head << 4)
-        if flags & _PEEK_FLAGS != VRING_DESC_F_INDIRECT or length & 15 or not length:
+        a0, l0, f0, n0 = DESC.unpack_from(desc_table, head << 4)
+        if f0 & VRING_DESC_F_INDIRECT:
+            if f0 & VRING_DESC_F_NEXT or l0 & 15 or not l0:
+                return None
+            if l0 >= 32:
+                a0, l0, f0, n0, a1, l1, f1, _ = mem.unpack(_DESC_PAIR, a0)
+                linked = n0 == 1
+            else:
+                a0, l0, f0, _ = mem.unpack(DESC, a0)  # a one-entry table ends there
+        elif f0 & VRING_DESC_F_NEXT:
+            a1, l1, f1, _ = DESC.unpack_from(desc_table, n0 << 4)
+            linked = True
+        if f0 & _PEEK_STOP:
             return None
-        if length >= 32:
-            a0, l0, f0, n0, a1, l1, f1, _ = mem.unpack(_DESC_PAIR, addr)
-            if f0 & _PEEK_STOP:
-                return None
-            if f0 & VRING_DESC_F_NEXT and n0 == 1 and not f1 & _PEEK_STOP:
-                return a0, l0, a1, l1
-        else:
-            a0, l0, f0, _ = mem.unpack(DESC, addr)
-            if f0 & _PEEK_STOP:
-                return None
+        if f0 & VRING_DESC_F_NEXT and linked and not f1 & _PEEK_STOP:
+            return a0, l0, a1, l1
         return a0, l0, 0, 0
     except (GuestMemoryError, struct.error, IndexError):
         return None
@@ -365,7 +370,7 @@ class Vring:
         self._unmap()
 
     def _unmap(self) -> None:
-        self.desc_table: memoryview | None = None  # for `peek_indirect`
+        self.desc_table: memoryview | None = None  # for `peek_buffers`
         self._avail: memoryview | None = None  # u16: flags, idx, ring[size], used_event
         self._used: memoryview | None = None  # u16: flags, idx, (elems), avail_event
         self._used_elems: memoryview | None = None  # u64 per used element: id | len << 32
