@@ -12,6 +12,7 @@ CPUAffinity=, taskset).
 from __future__ import annotations
 
 import os
+from itertools import groupby
 
 MAX_CPU = 8191  # a sanity bound for a cpulist (Linux's NR_CPUS is at most 8192)
 
@@ -46,15 +47,9 @@ def usable(cpus: frozenset[int]) -> frozenset[int]:
 
 def format_cpulist(cpus: frozenset[int]) -> str:
     """The shortest cpulist for `cpus` ("0-3,6")."""
-    out: list[str] = []
-    run: list[int] = []
-    for cpu in sorted(cpus):
-        if run and cpu == run[-1] + 1:
-            run.append(cpu)
-            continue
-        if run:
-            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-        run = [cpu]
-    if run:
+    out = []
+    # Consecutive CPUs share cpu - position: each group is one run.
+    for _, group in groupby(enumerate(sorted(cpus)), lambda pair: pair[1] - pair[0]):
+        run = [cpu for _, cpu in group]
         out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
     return ",".join(out)
