@@ -4,11 +4,13 @@ reopened by its successor."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
 import struct
 import time
+from types import SimpleNamespace
 
 from tests.daemon.conftest import Session, connect
 from tests.daemon_proc import Daemon
@@ -57,13 +59,38 @@ def concurrent_read_errors(client, nodeid: int, fh: int, count: int = 8) -> list
     return [-abi.OUT_HEADER.unpack_from(c.data)[1] for c in done]
 
 
-def test_one_fh_keeps_two_workers_busy(tmp_path):
+@contextlib.contextmanager
+def running(tmp_path, workers: int, files: dict[str, bytes] | None = None):
+    """An export (with `files`), vfsd with `workers`, a client after INIT. On exit the
+    client goes, vfsd must exit 0, and `served` holds the per-worker request counts."""
     export = tmp_path / "export"
     export.mkdir()
-    with Daemon(tmp_path, export, workers=2) as daemon:
+    for name, data in (files or {}).items():
+        (export / name).parent.mkdir(parents=True, exist_ok=True)
+        (export / name).write_bytes(data)
+    with Daemon(tmp_path, export, workers=workers) as daemon:
         client = connect(daemon, num_queues=2)
-        fuse = Session(daemon, client).fuse
-        ok(fuse.init())
+        run = SimpleNamespace(daemon=daemon, client=client, export=export, served=None,
+                              fuse=Session(daemon, client).fuse)
+        ok(run.fuse.init())
+        yield run
+        client.close()
+        assert daemon.wait(10) == 0
+        run.served = daemon.served_per_worker()
+
+
+def kill_worker(daemon, index: int, wait_for: str) -> None:
+    """SIGKILL worker `index` and wait until the log says `wait_for`."""
+    os.kill(_worker_pid(daemon, index), signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and wait_for not in daemon.log():
+        time.sleep(0.05)
+    assert wait_for in daemon.log(), daemon.log()
+
+
+def test_one_fh_keeps_two_workers_busy(tmp_path):
+    with running(tmp_path, workers=2) as run:
+        client, fuse, export = run.client, run.fuse, run.export
         reply = ok(fuse.create(1, b"big", flags=os.O_RDWR, mode=0o644))
         nodeid, _ = entry(reply)
         fh, _ = open_fh(reply, 128)
@@ -83,36 +110,21 @@ def test_one_fh_keeps_two_workers_busy(tmp_path):
         ok(fuse.release(nodeid, fh))
         # After RELEASE nothing is left to borrow: a stale fh is EBADF on every worker.
         assert concurrent_read_errors(client, nodeid, fh) == [errno.EBADF] * 8
-        client.close()
-        assert daemon.wait(10) == 0
-        # Without lending the owner would have served every READ/WRITE.
-        served = daemon.served_per_worker()
-        assert len(served) == 2 and min(served) > 20, served
+    # Without lending the owner would have served every READ/WRITE.
+    assert len(run.served) == 2 and min(run.served) > 20, run.served
 
 
 def test_fh_of_a_dead_owner_is_served_again_by_its_successor(tmp_path):
     """Lent READs of a dead owner's fh: never another process's fd; once the successor has
     reopened the file, owner and borrowers serve it again."""
-    export = tmp_path / "export"
-    export.mkdir()
-    (export / "f").write_bytes(pattern(3))
-    with Daemon(tmp_path, export, workers=2) as daemon:
-        client = connect(daemon, num_queues=2)
-        fuse = Session(daemon, client).fuse
-        ok(fuse.init())
-        nodeid, _ = entry(ok(fuse.lookup(1, b"f")))
-        fh, _ = open_fh(ok(fuse.open(nodeid, os.O_RDWR)))
+    with running(tmp_path, workers=2, files={"f": pattern(3)}) as run:
+        nodeid, _ = entry(ok(run.fuse.lookup(1, b"f")))
+        fh, _ = open_fh(ok(run.fuse.open(nodeid, os.O_RDWR)))
         owner = fh_owner(fh)
-        os.kill(_worker_pid(daemon, owner), signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and "reopened" not in daemon.log():
-            time.sleep(0.05)
-        assert f"worker {owner} reopened 1 open files" in daemon.log(), daemon.log()
+        kill_worker(run.daemon, owner, f"worker {owner} reopened 1 open files")
         reads = [build(Opcode.READ, nodeid, abi.READ_IN.pack(fh, 0, CHUNK, 0, 0, 0, 0),
                        unique=2 + 2 * i) for i in range(8)]
-        assert burst(client, reads, CHUNK) == [pattern(3)] * 8
-        client.close()
-        assert daemon.wait(10) == 0
+        assert burst(run.client, reads, CHUNK) == [pattern(3)] * 8
 
 
 def _worker_pid(daemon, index: int) -> int:
@@ -123,15 +135,8 @@ def _worker_pid(daemon, index: int) -> int:
 
 
 def test_a_dead_workers_open_files_are_reopened_by_its_successor(tmp_path):
-    export = tmp_path / "export"
-    export.mkdir()
-    (export / "d").mkdir()
-    for name in ("a", "b", "c"):
-        (export / "d" / name).write_bytes(b"")
-    with Daemon(tmp_path, export, workers=2) as daemon:
-        client = connect(daemon, num_queues=2)
-        fuse = Session(daemon, client).fuse
-        ok(fuse.init())
+    with running(tmp_path, workers=2, files={f"d/{n}": b"" for n in "abc"}) as run:
+        fuse, export = run.fuse, run.export
         reply = ok(fuse.create(1, b"f", flags=os.O_RDWR | os.O_TRUNC, mode=0o644))
         nodeid, _ = entry(reply)
         fh, _ = open_fh(reply, 128)
@@ -139,11 +144,7 @@ def test_a_dead_workers_open_files_are_reopened_by_its_successor(tmp_path):
         dir_id, _ = entry(ok(fuse.lookup(1, b"d")))
         dir_fh, _ = open_fh(ok(fuse.opendir(dir_id)))
         owner = fh_owner(fh)
-        os.kill(_worker_pid(daemon, owner), signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and "reopened" not in daemon.log():
-            time.sleep(0.05)
-        assert f"worker {owner} reopened" in daemon.log(), daemon.log()
+        kill_worker(run.daemon, owner, f"worker {owner} reopened")
         # The guest's fhs work on: same file, O_TRUNC not applied again.
         assert ok(fuse.read(nodeid, fh, 0, 100)).body == b"before the crash"
         ok(fuse.write(nodeid, fh, 0, b"AFTER"))
@@ -152,20 +153,13 @@ def test_a_dead_workers_open_files_are_reopened_by_its_successor(tmp_path):
             assert b"a" in ok(fuse.readdir(dir_id, dir_fh)).body
         ok(fuse.release(nodeid, fh))
         ok(fuse.releasedir(dir_id, dir_fh))
-        client.close()
-        assert daemon.wait(10) == 0
 
 
 def test_requests_of_a_dead_worker_that_change_nothing_run_again(tmp_path):
     """GETATTR/READ in flight on a worker that dies are answered by its successor; a
     request that changes something (MKDIR) gets EIO, as the guest cannot know if it ran."""
-    export = tmp_path / "export"
-    export.mkdir()
-    (export / "f").write_bytes(pattern(5))
-    with Daemon(tmp_path, export, workers=1) as daemon:
-        client = connect(daemon, num_queues=2)
-        fuse = Session(daemon, client).fuse
-        ok(fuse.init())
+    with running(tmp_path, workers=1, files={"f": pattern(5)}) as run:
+        client, fuse, daemon = run.client, run.fuse, run.daemon
         nodeid, _ = entry(ok(fuse.lookup(1, b"f")))
         fh, _ = open_fh(ok(fuse.open(nodeid, os.O_RDONLY)))
         pid = _worker_pid(daemon, 0)
@@ -190,8 +184,6 @@ def test_requests_of_a_dead_worker_that_change_nothing_run_again(tmp_path):
         assert errors == [0, 0, errno.EIO], daemon.log()
         assert by_index[1].data[16:by_index[1].used_len] == pattern(5)
         assert "replayed 2 requests of dead worker 0" in daemon.log()
-        client.close()
-        assert daemon.wait(10) == 0
 
 
 def _inflight(daemon) -> int:
