@@ -18,12 +18,12 @@ published handles (`orphans` / `adopt`) and serves their fhs as they are.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import mmap
 import os
 
 from vfsd.dispatch.fh import FH_NO_SLOT, FH_SLOT_BITS, MAX_WORKERS, fh_local, fh_owner, make_fh
+from workers.passthrough.syscalls import pidfd_getfd
 
 _COUNTER_BITS = 36
 _INCARNATION_MASK = 0xFFF
@@ -33,9 +33,6 @@ NO_SLOT = FH_NO_SLOT
 _SEQ_MASK = (1 << (_COUNTER_BITS - _SLOT_BITS)) - 1
 _IS_DIR = 1 << 31  # in the published fd word
 _DIR_HANDLE = 1 << 62  # in the published flags word (it outlives the fd word)
-_SYS_PIDFD_GETFD = 438
-_syscall = ctypes.CDLL(None, use_errno=True).syscall
-_syscall.restype = ctypes.c_long
 
 
 class Lending:
@@ -113,7 +110,6 @@ class Lending:
             raise OSError(errno.EBADF, "file handle released")
         return fd, bool(word & _IS_DIR)
 
-
     def _getfd(self, pid: int, fd: int) -> int:
         """A duplicate of fd `fd` of process `pid` (pidfds are cached per owner pid)."""
         if pid == os.getpid():  # two file systems in one process (tests)
@@ -121,20 +117,12 @@ class Lending:
         pidfd = self._pidfds.get(pid)
         if pidfd is not None:
             try:
-                return _pidfd_getfd(pidfd, fd)
+                return pidfd_getfd(pidfd, fd)
             except ProcessLookupError:
                 # The cached pidfd's process is gone; its pid may now be a new worker's.
                 os.close(self._pidfds.pop(pid))
         pidfd = self._pidfds[pid] = os.pidfd_open(pid)
-        return _pidfd_getfd(pidfd, fd)
-
-
-def _pidfd_getfd(pidfd: int, fd: int) -> int:
-    ret = _syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0)
-    if ret < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))  # ESRCH becomes ProcessLookupError
-    return int(ret)
+        return pidfd_getfd(pidfd, fd)
 
 
 LENDING = Lending()

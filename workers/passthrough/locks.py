@@ -39,6 +39,8 @@ import threading
 from collections.abc import Callable
 from typing import NamedTuple
 
+from workers.passthrough.syscalls import pidfd_getfd
+
 log = logging.getLogger("vfsd.worker.locks")
 
 F_RDLCK, F_WRLCK, F_UNLCK = fcntl.F_RDLCK, fcntl.F_WRLCK, fcntl.F_UNLCK
@@ -48,7 +50,6 @@ F_OFD_SETLKW = getattr(fcntl, "F_OFD_SETLKW", 38)
 OFFSET_MAX = (1 << 63) - 1
 #: struct flock (x86-64/aarch64): l_type, l_whence (short), l_start, l_len (off_t), l_pid
 FLOCK = struct.Struct("hhxxxxqqixxxx")
-_SYS_PIDFD_GETFD = 438
 #: Signal that interrupts a waiter thread's blocking call (a real-time signal nobody else
 #: in vfsd uses; its Python handler does nothing).
 CANCEL_SIGNAL = signal.SIGRTMIN + 6
@@ -58,8 +59,6 @@ _fcntl = _libc.fcntl
 _fcntl.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
 _flock = _libc.flock
 _flock.argtypes = [ctypes.c_int, ctypes.c_int]
-_syscall = _libc.syscall
-_syscall.restype = ctypes.c_long
 
 
 class Lock(NamedTuple):
@@ -230,11 +229,7 @@ def borrow_fd(pid: int, fd: int) -> int:
         return os.dup(fd)
     pidfd = os.pidfd_open(pid)
     try:
-        ret = _syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0)
-        if ret < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-        return int(ret)
+        return pidfd_getfd(pidfd, fd)
     finally:
         os.close(pidfd)
 

@@ -38,6 +38,9 @@ _fallocate = _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _syncfs = _libc.syncfs
 _syncfs.argtypes = [ctypes.c_int]
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+_SYS_PIDFD_GETFD = 438  # x86-64 and aarch64
 _getdents64 = _libc.getdents64
 _getdents64.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
 _getdents64.restype = ctypes.c_ssize_t
@@ -71,3 +74,9 @@ def syncfs(fd: int) -> None:
 def getdents64(fd: int, buf: ctypes.Array[ctypes.c_char]) -> int:
     """Fill `buf` with linux_dirent64 records from the fd's position; bytes used (0 = end)."""
     return _check(_getdents64(fd, buf, len(buf)))
+
+
+def pidfd_getfd(pidfd: int, fd: int) -> int:
+    """A duplicate (same open file description) of fd `fd` of the process behind `pidfd`.
+    A dead process raises ProcessLookupError (ESRCH)."""
+    return int(_check(_syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0)))
