@@ -76,12 +76,11 @@ class SpscRing:
         end = start + n
         if end <= self.capacity:  # one slice store (records land before head is published)
             self._slots[start:end] = array("Q", records)
-        else:
-            slots, mask = self._slots, self._mask
-            for record in records:
-                slots[head & mask] = record
-                head += 1
-        hdr[_HEAD] = (hdr[_HEAD] + n) & _U32
+        else:  # wraps: two slice stores
+            split = self.capacity - start
+            self._slots[start:] = array("Q", records[:split])
+            self._slots[: end - self.capacity] = array("Q", records[split:])
+        hdr[_HEAD] = (head + n) & _U32
 
     def push_one(self, record: int) -> None:
         hdr = self._hdr
