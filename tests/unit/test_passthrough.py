@@ -42,7 +42,7 @@ class Rig:
         self.outside = tmp_path / "outside"
         self.outside.mkdir(exist_ok=True)
         (self.outside / "secret").write_bytes(b"top secret")
-        self.table = InodeTable.create(4096)  # anonymous memfd lock file, as the supervisor
+        self.table = InodeTable.create(4096)
         self.options = FsOptions(shared_dir=str(self.root), **opts)
         self.fs = PassthroughFs(self.options, self.table, 0)
         self.server = FuseServer(self.fs, self.options, on_destroy=self.table.clear)
@@ -104,7 +104,7 @@ def test_init_and_root_getattr(rig):
 
 
 def test_export_without_root_dir_is_a_startup_error(tmp_path):
-    table = InodeTable.create(16, str(tmp_path / "l"))
+    table = InodeTable.create(16)
     with pytest.raises(ExportError):
         PassthroughFs(FsOptions(shared_dir=str(tmp_path / "missing")), table)
     table.close()
@@ -248,7 +248,7 @@ def test_unknown_and_unimplemented_opcodes(rig):
 
 
 def test_requests_before_init_fail_with_eio(tmp_path):
-    table = InodeTable.create(16, str(tmp_path / "l"))
+    table = InodeTable.create(16)
     os.mkdir(tmp_path / "e")
     opts = FsOptions(shared_dir=str(tmp_path / "e"))
     fs = PassthroughFs(opts, table)
@@ -903,7 +903,7 @@ class Broken(PassthroughFs):
 
 
 def test_local_bugs_become_eio_and_base_class_is_enosys(tmp_path, caplog):
-    table = InodeTable.create(16, str(tmp_path / "l"))
+    table = InodeTable.create(16)
     os.mkdir(tmp_path / "e")
     opts = FsOptions(shared_dir=str(tmp_path / "e"))
     umask = os.umask(0o022)
