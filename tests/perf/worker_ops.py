@@ -25,6 +25,7 @@ import argparse
 import os
 import shutil
 import statistics
+import struct
 import sys
 import tempfile
 import time
@@ -181,22 +182,35 @@ def cases(ex: Export, cx: Export) -> list[tuple[str, Timer]]:
             unlink(cx.d, name)
             got.append(e.nodeid)
 
-    def srv_create_batch() -> None:
-        base = cx.serial
-        cx.serial += BATCH
-        reqs = []
-        for i in range(base, base + BATCH):
+    create_reqs: list[tuple[list[memoryview], list[memoryview]]] = []
+    release_req = bytearray(build(Opcode.RELEASE, 0, abi.RELEASE_IN.pack(0, os.O_RDWR, 0, 0)))
+    # RELEASE: one request rewritten in place (nodeid in the header, fh in the body).
+    hdr = bytearray(release_req[:IN_SIZE])
+    body = bytearray(release_req[IN_SIZE:])
+    release_rd = [memoryview(hdr), memoryview(body)]
+    u64 = struct.Struct("<Q").pack_into
+
+    def next_creates() -> None:
+        create_reqs.clear()
+        for i in range(cx.serial, cx.serial + BATCH):
             name = b"c-%09d" % i
-            reqs.append((split(build(Opcode.CREATE, cx.d, abi.CREATE_IN.pack(
+            create_reqs.append((split(build(Opcode.CREATE, cx.d, abi.CREATE_IN.pack(
                 os.O_RDWR | os.O_CREAT, 0o100644, 0o022, 0) + name + b"\0")),
                 split(build(Opcode.UNLINK, cx.d, name + b"\0"))))
+        cx.serial += BATCH
+
+    next_creates()
+
+    def srv_create_batch() -> None:
         h, w = cx.server.handle, cx.wr
         w1 = w[1]
-        for create_rd, unlink_rd in reqs:
+        fh_of = abi.OPEN_OUT.unpack_from
+        for create_rd, unlink_rd in create_reqs:
             h(create_rd, w)
             nodeid = entry_nodeid(w1)[0]
-            fh = abi.OPEN_OUT.unpack_from(w1, abi.ENTRY_OUT.size)[0]
-            h(split(build(Opcode.RELEASE, nodeid, abi.RELEASE_IN.pack(fh, os.O_RDWR, 0, 0))), w)
+            u64(hdr, 16, nodeid)
+            u64(body, 0, fh_of(w1, abi.ENTRY_OUT.size)[0])
+            h(release_rd, w)
             h(unlink_rd, w)
             got.append(nodeid)
 
@@ -205,6 +219,7 @@ def cases(ex: Export, cx: Export) -> list[tuple[str, Timer]]:
             cx.table.forget(nodeid, 1)
         got.clear()
         cx.fs.sweep()  # as the worker loop does: close the fds of forgotten inodes
+        next_creates()
 
     def forget_nofree(n: int) -> None:
         forget = table.forget
