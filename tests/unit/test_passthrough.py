@@ -551,6 +551,32 @@ def test_create_existing_without_excl_and_fifo(rig):
     assert rig.c.create(ROOT_ID, b"dir").error == errno.EISDIR
 
 
+def test_create_keeps_the_created_inode_when_the_name_is_replaced(rig, monkeypatch):
+    """CREATE resolves its new name again for the O_PATH fd it caches; if a host process
+    replaced the name in between, the entry must still be the file the guest holds open."""
+    import workers.passthrough.fs as fsmod
+
+    real_open = os.open
+
+    def racing_open(path, flags, mode=0o777, *, dir_fd=None):
+        if flags & os.O_PATH and path == b"raced" and dir_fd is not None:
+            os.rename(rig.host("raced"), rig.host("moved"))
+            with open(rig.host("raced"), "wb") as f:
+                f.write(b"impostor")
+        return real_open(path, flags, mode, dir_fd=dir_fd)
+
+    monkeypatch.setattr(fsmod.os, "open", racing_open)
+    nodeid, fh = rig.create(ROOT_ID, b"raced")
+    monkeypatch.undo()
+    assert rig.c.write(nodeid, fh, 0, b"mine").error == 0
+    st = os.stat(rig.host("moved"))
+    assert attr(rig.c.getattr(nodeid))[0] == st.st_ino != os.stat(rig.host("raced")).st_ino
+    assert rig.lookup(ROOT_ID, b"moved") == nodeid  # one nodeid for the inode
+    assert rig.lookup(ROOT_ID, b"raced") != nodeid
+    with open(rig.host("moved"), "rb") as f:
+        assert f.read() == b"mine"
+
+
 # ----------------------------------------------------------------------------- creds
 def test_created_files_belong_to_the_caller(rig):
     kw = {"uid": 1234, "gid": 5678}

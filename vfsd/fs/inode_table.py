@@ -37,9 +37,10 @@ Concurrency:
   against 0.7 µs for the OFD byte-range locks used before; posix semaphores are cheaper
   still but are not released when their holder dies.)
 - `get`/`is_live` are lock-free: writers fill an entry and publish its nodeid last; readers
-  re-check the nodeid after reading the fields. Every field a lock-free reader sees is written
-  with one aligned 64-bit store (element assignment on a 'Q' view), never `pack_into`, which
-  zero-fills first (PROTOCOLS.md trap 23).
+  re-check the nodeid after reading the fields. A field of a *published* entry (nlookup, the
+  nodeid word itself, chain links) changes with one aligned 64-bit store (element assignment
+  on a 'Q' view), never `pack_into`, which may expose zeros first (PROTOCOLS.md trap 23); an
+  unpublished entry is filled with one `pack_into` (no reader trusts it before the nodeid).
 - A holder killed mid-update can leak a slot or skew `count()`; it cannot publish a
   half-written entry or break a chain (every link changes with one store).
 """
@@ -51,6 +52,7 @@ import errno
 import logging
 import mmap
 import os
+import struct
 from typing import NamedTuple
 
 import posix_ipc
@@ -73,9 +75,9 @@ _ENTRY_Q = 24
 E_NODEID, E_GEN, E_NLOOKUP, E_DEV, E_INO, E_MNT, E_NEXT, E_HMETA, E_HANDLE = range(9)
 _SLOT_MASK = 0xFFFFFFFF
 _GEN_MAX = 0xFFFFFFFF
-_M64 = (1 << 64) - 1
-_K_INO = 0x9E3779B97F4A7C15
-_K_DEV = 0xBF58476D1CE4E5B9
+#: Entry words 2..7 (nlookup, dev, ino, mnt, next, handle meta), written with one call while
+#: the entry is unpublished (its nodeid word is 0 or a stale reader's check rejects it).
+_FILL = struct.Struct("=6Q")
 
 # ---------------------------------------------------------------- robust mutexes (libc)
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -147,9 +149,10 @@ class Entry(NamedTuple):
 _new_tuple = tuple.__new__
 
 
-def _hash(dev: int, ino: int, mnt: int) -> int:
-    h = ((ino * _K_INO) ^ (dev * _K_DEV) ^ mnt) & _M64
-    return h ^ (h >> 29)
+# The bucket of a key is hash((dev, ino, mnt)) & (nbuckets - 1): CPython's tuple hash
+# (xxHash-based) of ints is computed in C and, unlike str/bytes hashes, is the same in every
+# process (no PYTHONHASHSEED), so the supervisor and all workers agree. A table is only ever
+# mutated by processes of one interpreter build.
 
 
 class _TableFull(Exception):
@@ -261,7 +264,7 @@ class InodeTable:
         _mutex_unlock(self._locks[idx])
 
     def stripe_of(self, key: InodeKey) -> int:
-        return _hash(*key) & self._bmask & self._smask
+        return hash(key) & self._bmask & self._smask
 
     # ---------------------------------------------------------------- readers (lock-free)
     def is_live(self, nodeid: int) -> bool:
@@ -324,7 +327,7 @@ class InodeTable:
 
     def set_root(self, key: InodeKey, handle: FileHandle) -> None:
         """Install the export root as nodeid 1; idempotent (every worker may call it)."""
-        b = _hash(*key) & self._bmask
+        b = hash(key) & self._bmask
         stripe = b & self._smask
         q = self._q
         e = self._ebase + ROOT_SLOT * _ENTRY_Q
@@ -355,8 +358,7 @@ class InodeTable:
         if n > MAX_HANDLE_SZ:
             raise ValueError("file handle larger than MAX_HANDLE_SZ")
         dev, ino, mnt = key
-        h = ((ino * _K_INO) ^ (dev * _K_DEV) ^ mnt) & _M64
-        b = (h ^ (h >> 29)) & self._bmask
+        b = hash(key) & self._bmask
         stripe = b & self._smask
         meta = n | ((handle.handle_type & _SLOT_MASK) << 32)
         try:
@@ -404,14 +406,9 @@ class InodeTable:
             if gen > _GEN_MAX:
                 gen = 1
             q[e + E_GEN] = gen
-            q[e + E_NLOOKUP] = 1
-            q[e + E_DEV] = dev
-            q[e + E_INO] = ino
-            q[e + E_MNT] = mnt
-            q[e + E_HMETA] = meta
+            _FILL.pack_into(mm, (e + E_NLOOKUP) * 8, 1, dev, ino, mnt, q[head], meta)
             off = (e + E_HANDLE) * 8
             mm[off:off + len(data)] = data
-            q[e + E_NEXT] = q[head]
             nodeid = gen << 32 | slot
             q[e] = nodeid  # publish
             q[head] = slot
@@ -434,9 +431,7 @@ class InodeTable:
             return
         # The key is stable while the entry is live; if it is freed (and refilled) meanwhile
         # we may lock the wrong stripe, and the nodeid check under the lock says so.
-        ino, mnt = q[e + E_INO], q[e + E_MNT]
-        h = ((ino * _K_INO) ^ (q[e + E_DEV] * _K_DEV) ^ mnt) & _M64
-        b = (h ^ (h >> 29)) & self._bmask
+        b = hash((q[e + E_DEV], q[e + E_INO], q[e + E_MNT])) & self._bmask
         stripe = b & self._smask
         addr = self._locks[stripe]
         err = _mutex_lock(addr)
@@ -528,7 +523,7 @@ class InodeTable:
                 q[self._sbase + i * _STRIPE_Q + S_COUNT] = 0
             root = ebase + ROOT_SLOT * _ENTRY_Q
             if q[root] == ROOT_ID:
-                b = _hash(q[root + E_DEV], q[root + E_INO], q[root + E_MNT]) & self._bmask
+                b = hash((q[root + E_DEV], q[root + E_INO], q[root + E_MNT])) & self._bmask
                 q[root + E_NEXT] = 0
                 q[self._bbase + b] = ROOT_SLOT
                 q[self._sbase + (b & self._smask) * _STRIPE_Q + S_COUNT] = 1
