@@ -858,6 +858,64 @@ def test_another_worker_reopens_inodes_by_handle(rig):
         fs1.close()
 
 
+def test_deleted_and_recreated_name_gets_a_new_nodeid(rig):
+    """The guest still holds the old inode (same name, and on ext4 often the same st_ino
+    for the new file): the file handle's generation tells them apart."""
+    with open(rig.host("f"), "wb") as f:
+        f.write(b"old")
+    old = rig.lookup(ROOT_ID, b"f")
+    os.unlink(rig.host("f"))
+    with open(rig.host("f"), "wb") as f:
+        f.write(b"new!")
+    new = rig.lookup(ROOT_ID, b"f")
+    assert new != old
+    assert attr(rig.c.getattr(new))[1] == 4
+    assert rig.table.get(old).nlookup == 1 and rig.table.get(new).nlookup == 1
+    assert rig.lookup(ROOT_ID, b"f") == new
+
+
+def test_worker_processes_racing_lookups_agree_on_nodeids(rig):
+    """Two worker processes (each its own PassthroughFs on the shared table) look up the
+    same names, two of them hard links of one file, and hammer lookup + forget on them
+    while each keeps one reference: one nodeid per inode, exact counts at the end."""
+    names = [b"a", b"b", b"c", b"link-to-a"]
+    for n in names[:3]:
+        with open(rig.host(n.decode()), "wb") as f:
+            f.write(n)
+    os.link(rig.host("a"), rig.host("link-to-a"))
+    r, w = os.pipe()
+    pids = []
+    for index in (1, 2):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                fs = PassthroughFs(rig.options, rig.table, index)
+                held = [fs.lookup(ROOT_ID, n).nodeid for n in names]
+                for i in range(400):
+                    n = fs.lookup(ROOT_ID, names[i % 4]).nodeid
+                    assert n == held[i % 4]
+                    rig.table.forget(n, 1)  # the supervisor's FORGET
+                os.write(w, b"".join(n.to_bytes(8, "little") for n in held))
+                code = 0
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    for pid in pids:
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    got = [os.read(r, 32) for _ in pids]
+    os.close(r)
+    os.close(w)
+    assert got[0] == got[1]
+    held = [int.from_bytes(got[0][i:i + 8], "little") for i in range(0, 32, 8)]
+    assert held[0] == held[3] and len(set(held)) == 3  # hard links: one nodeid
+    assert [rig.table.get(n).nlookup for n in held] == [4, 2, 2, 4]
+    for n in held[:3]:
+        rig.table.forget(n, 4)
+    assert rig.table.count() == 1
+    assert rig.lookup(ROOT_ID, b"a") not in held  # freed, so a fresh nodeid
+
+
 def test_deleted_inode_reopen_is_estale(rig):
     n, fh = rig.create(ROOT_ID, b"gone")
     rig.c.release(n, fh)
