@@ -69,8 +69,8 @@ DEFAULT_STRIPES = 64
 _HDR_Q = 8
 H_MAGIC, H_CAPACITY, H_NBUCKETS, H_NSTRIPES, H_FREE, H_NEXT_UNUSED = range(6)
 _STRIPE_Q = 8
-S_FREE, S_COUNT = 6, 7
-_MUTEX_BYTES = 48
+_MUTEX_BYTES = 48  # room for a pthread_mutex_t at the start of each stripe block
+S_FREE, S_COUNT = _MUTEX_BYTES // 8, _MUTEX_BYTES // 8 + 1
 _ENTRY_Q = 24
 E_NODEID, E_GEN, E_NLOOKUP, E_DEV, E_INO, E_MNT, E_NEXT, E_HMETA, E_HANDLE = range(9)
 _SLOT_MASK = 0xFFFFFFFF
@@ -457,7 +457,8 @@ class InodeTable:
             blk = self._sbase + stripe * _STRIPE_Q
             q[e + E_NEXT] = q[blk + S_FREE]  # onto this stripe's free list
             q[blk + S_FREE] = slot
-            q[blk + S_COUNT] -= 1
+            left = q[blk + S_COUNT]  # (never below 0, even if a dead holder skewed it)
+            q[blk + S_COUNT] = left - 1 if left else 0
         finally:
             _mutex_unlock(addr)
 
@@ -496,11 +497,13 @@ class InodeTable:
                 while q[ebase + last * _ENTRY_Q + E_NEXT] and hops <= self.capacity:
                     last = q[ebase + last * _ENTRY_Q + E_NEXT]
                     hops += 1
+                # Off this stripe first: a holder killed between the two stores leaks the
+                # list, it never leaves a slot on two lists (allocated twice).
+                q[blk + S_FREE] = 0
                 self._lock(self._alloc_lock)
                 q[ebase + last * _ENTRY_Q + E_NEXT] = q[H_FREE]
                 q[H_FREE] = first
                 self._unlock(self._alloc_lock)
-                q[blk + S_FREE] = 0
             finally:
                 self._unlock(stripe)
 
