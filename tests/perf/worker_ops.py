@@ -257,8 +257,11 @@ def main() -> None:
             if args.only and not any(o in label for o in args.only):
                 continue
             if "live" in label or "stays" in label:
-                if not held:  # keep every name's entry live (one extra lookup each)
+                if not held:  # keep every name's entry live, whatever the rows forget
                     held.extend(ex.fs.lookup(ex.d, nm).nodeid for nm in ex.names)
+                    t = ex.table
+                    for nodeid in held:
+                        t._q[t._ebase + (nodeid & 0xFFFFFFFF) * 24 + 2] = 1 << 40  # nlookup
             elif held:
                 for nodeid in held:  # everything the live rows took, back
                     ex.table.forget(nodeid, 1 << 40)
