@@ -23,7 +23,14 @@ import time
 from dataclasses import dataclass
 
 from vfsd.dispatch import control
-from vfsd.dispatch.channel import CB_EPOCH, CB_HEARTBEAT_NS, CB_PID, CB_SERVED, WorkerChannel
+from vfsd.dispatch.channel import (
+    CB_EPOCH,
+    CB_HEARTBEAT_NS,
+    CB_PID,
+    CB_SERVED,
+    CB_SWEEP,
+    WorkerChannel,
+)
 from vfsd.dispatch.ring import pack_completion, unpack_request
 from vfsd.fs.inode_table import InodeTable
 from vfsd.fuse.abi import Opcode
@@ -208,6 +215,7 @@ class Worker:
     def run(self) -> None:
         channel = self.channel
         requests = channel.requests
+        forgets = channel.forgets
         block = channel.block
         block[CB_PID] = os.getpid()
         server = self.server
@@ -218,10 +226,15 @@ class Worker:
         while self.alive:
             now = block[CB_HEARTBEAT_NS] = time.monotonic_ns()
             metrics.maybe_flush(now)
-            if now >= next_sweep:  # even under load: fds of forgotten inodes must not pile up
+            if now >= next_sweep:  # inodes a worker freed itself (FORGET on a request queue)
                 server.sweep()
                 metrics.set_state(*server.fs_state())
                 next_sweep = now + SWEEP_INTERVAL_NS
+            if len(forgets):  # FORGETs the supervisor served: close those fds first
+                server.forgotten(forgets.pop_all())
+            if block[CB_SWEEP]:  # the forget ring overflowed
+                block[CB_SWEEP] = 0
+                server.sweep()
             records = requests.pop_all()
             if records:
                 self.serve(records)
@@ -229,6 +242,9 @@ class Worker:
                     self.complete_deferred()
                 continue
             if requests.prepare_sleep():
+                if len(forgets) or block[CB_SWEEP]:  # pushed before the sleep flag was seen
+                    requests.cancel_sleep()
+                    continue
                 readable = select.select(waitables, [], [], IDLE_WAIT)[0]
                 requests.cancel_sleep()
                 if channel.doorbell in readable:

@@ -361,7 +361,24 @@ def test_batch_forget_and_sweep(rig):
     body = abi.BATCH_FORGET_IN.pack(3, 0) + b"".join(abi.FORGET_ONE.pack(n, 1) for n in ids)
     assert rig.c.call(Opcode.BATCH_FORGET, 0, body, writable=[]).written == 0
     assert rig.table.count() == 1
-    assert rig.fs.sweep() == 3 and len(rig.fs.inodes) == 0
+    # A worker that frees a nodeid itself closes its cached fd at once.
+    assert len(rig.fs.inodes) == 0 and rig.fs.sweep() == 0
+
+
+def test_nodeids_freed_elsewhere_close_when_told_or_swept(rig):
+    """The supervisor frees nodeids (FORGET on hiprio) in the shared table: `forgotten`
+    closes the named fds at once; `sweep` finds the ones nobody named."""
+    ids = []
+    for i in range(4):
+        open(rig.host(f"f{i}"), "w").close()
+        ids.append(rig.lookup(ROOT_ID, b"f%d" % i))
+    assert len(rig.fs.inodes) == 4
+    for n in ids:
+        assert rig.table.forget(n, 1)  # as the supervisor does
+    assert not rig.table.forget(ids[0], 1)  # already freed: nothing to tell
+    assert rig.fs.forgotten([*ids[:3], ids[0] + 12345]) == 3
+    assert len(rig.fs.inodes) == 1
+    assert rig.fs.sweep() == 1 and len(rig.fs.inodes) == 0
 
 
 # ----------------------------------------------------------------------------- directories

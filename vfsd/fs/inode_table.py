@@ -356,29 +356,29 @@ class InodeTable:
         finally:
             self._unlock(stripe)
 
-    def forget(self, nodeid: int, nlookup: int) -> None:
-        """nlookup -= n; free the entry at zero. Unknown/stale nodeids and the root are
-        ignored (FORGET has no reply to carry an error)."""
+    def forget(self, nodeid: int, nlookup: int) -> bool:
+        """nlookup -= n; free the entry at zero; True if this call freed it. Unknown/stale
+        nodeids and the root are ignored (FORGET has no reply to carry an error)."""
         if nodeid == ROOT_ID or nlookup <= 0:
-            return
+            return False
         slot = nodeid & _SLOT_MASK
         if not ROOT_SLOT < slot <= self.capacity:
-            return
+            return False
         q = self._q
         e = self._ebase + slot * _ENTRY_Q
         if q[e] != nodeid:
-            return
+            return False
         dev, ino, mnt = q[e + E_DEV], q[e + E_INO], q[e + E_MNT]
         b = _hash(dev, ino, mnt) & self._bmask
         stripe = b & self._smask
         self._lock(stripe)
         try:
             if q[e] != nodeid:  # freed (and maybe reused) before we got the lock
-                return
+                return False
             left = q[e + E_NLOOKUP] - nlookup
             if left > 0:
                 q[e + E_NLOOKUP] = left
-                return
+                return False
             head = self._bbase + b
             cur, prev_link, hops = q[head], head, 0
             while cur and cur != slot and hops <= self.capacity:
@@ -390,6 +390,7 @@ class InodeTable:
             q[e] = 0
             q[e + E_NLOOKUP] = 0
             self._free(slot)
+            return True
         finally:
             self._unlock(stripe)
 

@@ -327,7 +327,12 @@ class PassthroughFs(FileSystem):
         return self.inodes.sweep()
 
     def forget(self, nodeid: int, nlookup: int) -> None:
-        self.table.forget(nodeid, nlookup)
+        if self.table.forget(nodeid, nlookup):
+            self.inodes.drop([nodeid])
+
+    def forgotten(self, nodeids: list[int]) -> int:
+        """The supervisor freed these nodeids: close their cached fds now."""
+        return self.inodes.drop(nodeids)
 
     # ------------------------------------------------------------------ helpers
     def _entry_of(self, fd: int, parent: int | None = None) -> Entry:
