@@ -1,9 +1,10 @@
 """The supervisor: vhost-user device, hiprio queue, request routing and the poll loop.
 
-One loop (epoll) waits on the vhost-user socket, the kick eventfds, the completion doorbell,
-the signal pipe and the workers' sentinels. Each turn: handle what woke it, move completions
-to the used rings, reap dead workers. Request queues are drained in one go per kick; each
-chain is routed by its fuse_in_header (and fh) to a worker ring, once-per-batch doorbells.
+One loop (epoll) waits on the vhost-user socket, the kick eventfds, the signal pipe and the
+workers' sentinels. Each turn: handle what woke it, then read the workers' completion records
+(bookkeeping only: workers return their chains to the guest themselves). Request queues are
+drained in one go per kick; each chain is routed by its fuse_in_header (and fh) to a worker
+ring, once-per-batch doorbells.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from vfsd import sdnotify, status
 from vfsd.affinity import parse_cpulist, usable
 from vfsd.config import Settings
+from vfsd.dispatch.used import SUPERVISOR, UsedLock, UsedRing
 from vfsd.fs.inode_table import InodeTable
 from vfsd.metrics.collector import make_registry
 from vfsd.metrics.http import MetricsServer
@@ -32,7 +34,7 @@ from vfsd.supervisor.recovery import Recovery
 from vfsd.supervisor.routing import Routing
 from vfsd.supervisor.session import SessionBarriers
 from vfsd.supervisor.startup import StartupError, listen, listen_status, set_nofile_limit
-from vfsd.supervisor.wire import EDGE
+from vfsd.supervisor.wire import HIPRIO
 from vfsd.transport.backend import VhostUserBackend
 from vfsd.transport.memory import GuestMemory
 from vfsd.transport.virtqueue import Vring
@@ -60,6 +62,8 @@ class Supervisor(Device, Routing, Completion, Hiprio, SessionBarriers, Recovery,
         self.backend: VhostUserBackend | None = None
         self.mem: GuestMemory | None = None
         self.kick_fds: dict[int, Vring] = {}  # kick fd -> ring
+        self.used_locks: dict[int, UsedLock] = {}
+        self.used: dict[int, UsedRing] = {}
         self.sentinels: dict[int, WorkerSlot] = {}
         self.session: dict | None = None
         self.book: MetricsBook | None = None
@@ -90,10 +94,14 @@ class Supervisor(Device, Routing, Completion, Hiprio, SessionBarriers, Recovery,
         self.status_path = status.status_path(self.settings.socket_path, os.getpid())
         self.status_listener = listen_status(self.status_path)
         self.table = InodeTable.create(self.settings.inode_capacity)
+        for queue in range(HIPRIO + 1, HIPRIO + 1 + self.settings.num_queues):
+            lock = self.used_locks[queue] = UsedLock(queue)
+            writer = self.used[queue] = UsedRing(lock, SUPERVISOR)
+            writer.stuck = self.unstick
         workers = self.settings.worker_count
         self.book = MetricsBook(workers)
         self.pool = WorkerPool(workers, self.table, self.options, self.completion_doorbell,
-                               self.book)
+                               self.book, self.used_locks)
         self.pool.close_in_child = self._supervisor_fds
         self.pool.worker_cpus = worker_cpus
         if supervisor_cpus is not None:
@@ -107,7 +115,6 @@ class Supervisor(Device, Routing, Completion, Hiprio, SessionBarriers, Recovery,
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, lambda *_: None)  # the wakeup fd carries the number
         self.epoll.register(self._signal_r.fileno(), select.EPOLLIN)
-        self.epoll.register(self.completion_doorbell, EDGE)
         self.epoll.register(self.listener.fileno(), select.EPOLLIN)
         self.epoll.register(self.status_listener.fileno(), select.EPOLLIN)
         if self.settings.metrics:
@@ -142,6 +149,7 @@ class Supervisor(Device, Routing, Completion, Hiprio, SessionBarriers, Recovery,
         fds: list[int | socket.socket] = [self.epoll.fileno(), self._signal_r, self._signal_w,
                                           *self.kick_fds]
         fds += [s for s in (self.listener, self.conn, self.status_listener) if s is not None]
+        fds += [u.call_fd for u in self.used.values() if u.call_fd is not None]
         if self.metrics_server is not None and (fd := self.metrics_server.fileno()) is not None:
             fds.append(fd)
         assert self.pool is not None
@@ -170,15 +178,13 @@ class Supervisor(Device, Routing, Completion, Hiprio, SessionBarriers, Recovery,
 
     def turn(self) -> None:
         assert self.pool is not None
-        timeout = 1.0 if self._prepare_sleep() else 0.0
-        events = self.epoll.poll(timeout)
-        self._cancel_sleep()
+        # Workers return their own chains, so nothing here waits for a completion; their
+        # completion records are read at the end of every turn (an idle daemon: once a second).
+        events = self.epoll.poll(1.0)
         for fd, _mask in events:
-            # Kicks and the completion doorbell are edge-triggered (EDGE): every write wakes
-            # epoll, so their counters need no read — two syscalls less per turn.
-            if fd == self.completion_doorbell:
-                pass
-            elif fd in self.kick_fds:
+            # Kicks are edge-triggered (EDGE): every write wakes epoll, so their counters need
+            # no read — a syscall less per kick.
+            if fd in self.kick_fds:
                 self.process_queue(self.kick_fds[fd])
             elif self.conn is not None and fd == self.conn.fileno():
                 self.handle_vhost_message()
@@ -193,20 +199,6 @@ class Supervisor(Device, Routing, Completion, Hiprio, SessionBarriers, Recovery,
             if not self.running:
                 return
         self.drain_completions()
-
-    def _prepare_sleep(self) -> bool:
-        assert self.pool is not None
-        ready = True
-        for slot in self.pool.slots:
-            if not slot.channel.completions.prepare_sleep():
-                ready = False
-        return ready
-
-    def _cancel_sleep(self) -> None:
-        assert self.pool is not None
-        for slot in self.pool.slots:
-            slot.channel.completions.cancel_sleep()
-
 
     def shutdown(self) -> None:
         sdnotify.stopping()
@@ -237,6 +229,10 @@ class Supervisor(Device, Routing, Completion, Hiprio, SessionBarriers, Recovery,
                 os.unlink(self.settings.socket_path)
             except FileNotFoundError:
                 pass
+        for writer in self.used.values():
+            writer.close()
+        for lock in self.used_locks.values():
+            lock.close()
         if self.table is not None:
             self.table.close()
         os.close(self.completion_doorbell)

@@ -11,7 +11,7 @@ from vfsd.dispatch import control
 from vfsd.pool import WorkerSlot
 from vfsd.supervisor.state import SupervisorState
 from vfsd.supervisor.wire import EDGE, HIPRIO
-from vfsd.transport import FramingError, GuestProtocolError
+from vfsd.transport import FramingError, GuestMemoryError, GuestProtocolError
 from vfsd.transport.backend import VhostUserBackend
 from vfsd.transport.codec import decode
 from vfsd.transport.connection import PeerClosed, recv_frame, send_message
@@ -64,6 +64,21 @@ class Device(SupervisorState):
         self.mem = mem
         for slot in self.pool.live() if self.pool else ():
             self._send_memory(slot)
+        if self.backend is not None:
+            for vring in self.backend.vrings[HIPRIO + 1 :]:
+                if vring.started:
+                    self._map_used(vring)
+
+    def _map_used(self, vring: Vring) -> None:
+        """The supervisor's own view of a request queue's used ring (its replies)."""
+        writer = self.used[vring.index]
+        writer.unmap()
+        if self.mem is None or not vring.mapped:
+            return
+        try:
+            writer.map(self.mem, vring.size, vring.avail_gpa, vring.used_gpa, vring.event_idx)
+        except GuestMemoryError:
+            log.error("queue %d: used ring outside guest memory", vring.index)
 
     def _send_memory(self, slot: WorkerSlot) -> None:
         assert self.mem is not None
@@ -75,13 +90,20 @@ class Device(SupervisorState):
 
     def _send_vring(self, slot: WorkerSlot, vring: Vring) -> None:
         slot.channel.send({"kind": control.VRING, "queue": vring.index,
-                           "desc_gpa": vring.desc_gpa, "size": vring.size})
+                           "desc_gpa": vring.desc_gpa, "avail_gpa": vring.avail_gpa,
+                           "used_gpa": vring.used_gpa, "size": vring.size,
+                           "event_idx": vring.event_idx},
+                          [vring.call_fd] if vring.call_fd is not None else None)
 
     def queue_started(self, vring: Vring) -> None:
         if vring.kick_fd is not None and vring.kick_fd not in self.kick_fds:
             self.kick_fds[vring.kick_fd] = vring
             self.epoll.register(vring.kick_fd, EDGE)
         if vring.index != HIPRIO and self.pool is not None:
+            # A new layout or base: the EVENT_IDX state starts over (as Vring's does).
+            self.used_locks[vring.index].reset()
+            self._map_used(vring)
+            self._set_call_fd(vring)
             for slot in self.pool.live():
                 self._send_vring(slot, vring)
 
@@ -103,7 +125,23 @@ class Device(SupervisorState):
             del self.kick_fds[old_fd]
 
     def call_fd_changed(self, vring: Vring) -> None:
-        """The ring object keeps the newest call fd; nothing else holds it."""
+        """SET_VRING_CALL, possibly while requests are in flight: every worker gets the new
+        fd, then `call_gen` moves, so a worker re-reads its control channel before its next
+        interrupt. A worker that signalled the old fd meanwhile is covered by one interrupt
+        on the new fd from here (a spurious interrupt is harmless, a lost one hangs)."""
+        if vring.index == HIPRIO or vring.index not in self.used or not vring.started:
+            return  # a queue not started yet gets its call fd with its layout
+        for slot in self.pool.live() if self.pool else ():
+            slot.channel.send({"kind": control.CALL, "queue": vring.index},
+                              [vring.call_fd] if vring.call_fd is not None else None)
+        self.used_locks[vring.index].bump_call_gen()
+        self._set_call_fd(vring)
+        if vring.started:
+            self.used[vring.index].signal()
+
+    def _set_call_fd(self, vring: Vring) -> None:
+        self.used[vring.index].set_call_fd(
+            os.dup(vring.call_fd) if vring.call_fd is not None else None)
 
 
     def _resync(self, slot: WorkerSlot) -> None:

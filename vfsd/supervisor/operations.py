@@ -32,7 +32,8 @@ class Operations(SupervisorState):
         for slot in self.pool.slots:
             process = slot.process
             beat = slot.channel.block[CB_HEARTBEAT_NS]
-            inflight += len(slot.inflight)
+            # Records not read yet are requests already answered.
+            inflight += len(slot.inflight) - len(slot.channel.completions)
             workers.append(WorkerState(
                 slot.index, process.pid if process is not None else None,
                 len(slot.channel.requests), (now - beat) / 1e9 if beat else None))
@@ -68,6 +69,7 @@ class Operations(SupervisorState):
             conn, _ = self.status_listener.accept()
         except BlockingIOError:
             return
+        self.drain_completions()  # in-flight rows are then at most a moment old
         with conn:
             conn.settimeout(1.0)
             try:

@@ -33,7 +33,11 @@ class Recovery(SupervisorState):
             log.error("worker %d closed its sentinel but did not exit; killing it", slot.index)
             self.pool.kill(slot)
             self.pool.reap(slot)
-        self.drain_completions()  # what it finished before dying
+        # It can run no more: a used-ring lock it held is released, its published entries
+        # kept; what it returned to the guest before dying leaves the in-flight table.
+        self.repair_used(slot.index + 1)
+        self.drain_completions()
+        self._forget_answered(slot)
         replay = self._take_replayable(slot)
         self._fail_inflight(slot)
         if self.running:
@@ -44,6 +48,15 @@ class Recovery(SupervisorState):
         else:
             slot.inflight.update(replay)
             self._fail_inflight(slot)
+
+    def _forget_answered(self, slot: WorkerSlot) -> None:
+        """Drop in-flight entries the dead worker did return to the guest (it died before
+        pushing their completion records): their pending words are clear."""
+        mine = slot.index + 1
+        for key in list(slot.inflight):
+            lock = self.used_locks.get(key >> 16)
+            if lock is not None and lock.pending[key & 0xFFFF] != mine:
+                del slot.inflight[key]
 
     def _take_replayable(self, slot: WorkerSlot) -> dict[int, tuple[int, int, int, int]]:
         """The dead worker's in-flight requests that may simply run again: those that
@@ -72,13 +85,14 @@ class Recovery(SupervisorState):
         log.warning("replayed %d requests of dead worker %d", len(replay), slot.index)
 
     def _fail_inflight(self, slot: WorkerSlot) -> None:
-        """Requests a dead or stuck worker never answered get EIO (replay comes later)."""
+        """Requests a dead worker never answered get EIO (after the replayable ones were
+        taken), through the used-ring writer in the worker's name: a head is returned once."""
         if self.backend is None:
             slot.inflight.clear()
             return
         for key, (_opcode, _nodeid, unique, _t) in list(slot.inflight.items()):
             vring = self.backend.vrings[key >> 16]
             if vring.mapped:
-                self.reply_error(vring, key & 0xFFFF, unique, errno.EIO)
+                self.reply_error(vring, key & 0xFFFF, unique, errno.EIO, slot.index + 1)
         slot.inflight.clear()
 

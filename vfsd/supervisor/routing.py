@@ -62,6 +62,7 @@ class Routing(SupervisorState):
         idle = [load == 0 for load in loads]
         nslots = len(slots)
         queue = vring.index
+        pending = self.used_locks[queue].pending
         now = time.monotonic_ns()
         for head in heads:
             fh = -1
@@ -133,6 +134,7 @@ class Routing(SupervisorState):
             loads[owner] += 1
             slot = slots[owner]
             slot.inflight[queue << 16 | head] = (opcode, nodeid, unique, now)
+            pending[head] = owner + 1  # only this worker may return the chain
             # pack_request(queue, head, epoch), inlined: this loop runs once per request
             record = queue | head << 16 | (slot.channel.epoch & 0xFFFFFFFF) << 32
             if idle[owner]:

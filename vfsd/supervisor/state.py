@@ -12,6 +12,7 @@ import socket
 from collections.abc import Callable
 
 from vfsd.config import Settings
+from vfsd.dispatch.used import UsedLock, UsedRing
 from vfsd.fs.inode_table import InodeTable
 from vfsd.fuse.options import FsOptions
 from vfsd.metrics.http import MetricsServer
@@ -37,6 +38,8 @@ class SupervisorState:
     backend: VhostUserBackend | None
     mem: GuestMemory | None
     kick_fds: dict[int, Vring]  # kick fd -> ring
+    used_locks: dict[int, UsedLock]  # request queue -> the used-ring state workers share
+    used: dict[int, UsedRing]  # request queue -> the supervisor's writer of its used ring
     sentinels: dict[int, WorkerSlot]
     session: dict | None  # the negotiated FUSE session, as sent to workers
     book: MetricsBook | None
