@@ -94,8 +94,8 @@ class UsedLock:
     def repair(self, dead_owner: int, used: UsedRing | None) -> bool:
         """Release the semaphore if `dead_owner` (reaped: it can run no more) held it.
         Entries it published are complete: their pending words are cleared. Unpublished
-        ones stay pending and are answered by the caller. True if there was anything to
-        repair; the caller then signals the guest (the dead holder may not have)."""
+        ones stay pending and are answered by the caller. Interrupts the guest through
+        `used` (the dead holder may not have). True if there was anything to repair."""
         words = self.words
         if words[_OWNER] != dead_owner:
             return False
@@ -111,6 +111,8 @@ class UsedLock:
         # one does not exist. The EVENT_IDX state may lag, so force the next interrupt.
         words[_SIGNALLED_VALID] = 0
         self.release()
+        if used is not None:
+            used.signal()
         return True
 
     def close(self) -> None:
