@@ -9,6 +9,7 @@ import os
 import random
 import signal
 import struct
+import time
 
 import pytest
 
@@ -168,21 +169,24 @@ def test_no_interrupt_flag_without_event_idx(guest, lock):
     assert signals(call) == 1
 
 
-@pytest.mark.parametrize("published", [True, False])
-def test_repair_after_a_holder_died_inside(guest, lock, published):
-    """A process SIGKILLed while it holds the semaphore, with its journal written and its
-    entries published or not: `repair` releases the semaphore, clears the pending words of
-    published entries (they were answered) and keeps the others (to be answered later)."""
+@pytest.mark.parametrize("state", ["published", "journaled", "unjournaled"])
+def test_repair_after_a_holder_died_inside(guest, lock, state):
+    """A process SIGKILLed while it holds the semaphore, its two elements written:
+    `repair` releases the semaphore; a journaled update is finished (published, pending
+    words cleared) whether or not the dead holder got to publish it; an unjournaled one
+    stays unpublished and pending, for the supervisor to answer in the dead one's name."""
     for h in (3, 4):
         lock.pending[h] = 1
     pid = os.fork()
     if pid == 0:
         lock.acquire(1)
-        words = lock.words
-        words[1], words[2] = 0, 2  # journal: from used.idx 0, two entries
         elems = guest.mem.view(USED + 4, 16).cast("Q")
         elems[0], elems[1] = 3 | 16 << 32, 4 | 16 << 32
-        if published:
+        if state != "unjournaled":
+            lock.words[1], lock.words[2] = 0, 2  # journal: from used.idx 0, two entries
+            lock.pending[3] = 0  # died while clearing the pending words
+        if state == "published":
+            lock.pending[4] = 0
             guest.mem.view(USED, 4).cast("H")[1] = 2
         os.kill(os.getpid(), signal.SIGKILL)
     os.waitpid(pid, 0)
@@ -191,23 +195,72 @@ def test_repair_after_a_holder_died_inside(guest, lock, published):
     assert not lock.repair(2, sup)  # not the holder: nothing to do
     assert lock.repair(1, sup)
     assert lock.owner == 0
-    assert [lock.pending[3], lock.pending[4]] == ([0, 0] if published else [1, 1])
-    # The queue goes on: the supervisor answers the unpublished ones in the dead one's name.
-    if not published:
-        assert sup.complete([3, 4], [3, 4], 1) == 2
+    if state == "unjournaled":
+        assert guest.used_idx() == 0 and [lock.pending[3], lock.pending[4]] == [1, 1]
+        assert sup.complete([3, 4], [3, 4], 1) == 2  # EIO in the dead worker's name
+    assert [lock.pending[3], lock.pending[4]] == [0, 0]
     assert guest.used_idx() == 2 and sorted(guest.used_heads(2)) == [3, 4]
-    assert signals(call) >= 1  # the guest hears of the entries the dead one published
+    assert signals(call) >= 1  # the guest hears of the entries
 
 
-def test_supervisor_never_blocks_on_a_dead_holder(guest, lock):
-    """The supervisor's writer waits STUCK_AFTER at most, then asks `stuck` (which repairs)."""
+def test_nothing_of_a_head_is_touched_after_publishing(guest, lock):
+    """Deterministic twin of the next test: the guest reuses and the supervisor re-routes
+    every head right at the used.idx store; their new pending words must survive."""
+
+    class Rerouting(UsedRing):
+        __slots__ = ()
+
+        def publish(self, idx: int) -> None:
+            super().publish(idx)
+            for h in range(8):
+                lock.pending[h] = 1  # routed anew, to the same worker
+
+    writer = Rerouting(lock, 1)
+    writer.map(guest.mem, SIZE, AVAIL, USED, True)
+    for h in range(8):
+        lock.pending[h] = 1
+    assert writer.complete([h | 16 << 32 for h in range(8)], list(range(8))) == 8
+    assert [lock.pending[h] for h in range(8)] == [1] * 8
+    assert writer.complete([h | 16 << 32 for h in range(8)], list(range(8))) == 8
+
+
+def test_a_head_reused_at_once_is_not_lost(guest, lock):
+    """The guest may reuse a head the moment used.idx shows it, and the supervisor then
+    routes it anew (pending word set without the lock): the writer must not touch that
+    head's pending word after publishing, or the new request is dropped (a hang)."""
+    batch = 64
+    to_worker_r, to_worker_w = os.pipe()
     pid = os.fork()
-    if pid == 0:
-        lock.acquire(1)
-        os.kill(os.getpid(), signal.SIGKILL)
-    os.waitpid(pid, 0)
-    sup, _ = guest.writer(lock, SUPERVISOR)
-    asked = []
-    sup.stuck = lambda owner: (asked.append(owner), lock.repair(owner, sup))
-    assert sup.complete([7], [7], 0) == 1
-    assert asked == [1]
+    if pid == 0:  # the worker: returns each batch of heads it is sent in one update
+        try:
+            os.close(to_worker_w)
+            writer, _ = guest.writer(lock, 1)
+            with os.fdopen(to_worker_r, "rb", buffering=0) as pipe:
+                while len(data := pipe.read(2 * batch)) == 2 * batch:
+                    heads = list(struct.unpack(f"<{batch}H", data))
+                    writer.complete([h | 16 << 32 for h in heads], heads)
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    os.close(to_worker_r)
+    guest.set_used_event(0xFFFF)
+    seen = 0
+    heads = list(range(batch))
+    pending = lock.pending
+    used = guest.mem.view(USED, 4).cast("H")
+    try:
+        for h in heads:
+            pending[h] = 1
+        for _ in range(20000):  # the driver and router: reuse the returned heads at once
+            last = heads[-1]  # the writer clears pending words in order: this one last
+            os.write(to_worker_w, struct.pack(f"<{batch}H", *heads))
+            deadline = time.monotonic() + 5
+            while (used[1] - seen) & 0xFFFF < batch:
+                assert time.monotonic() < deadline, "a request was lost"
+            pending[last] = 1  # routed again the moment the guest could reuse it
+            for h in heads:
+                pending[h] = 1
+            seen = (seen + batch) & 0xFFFF
+    finally:
+        os.close(to_worker_w)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0

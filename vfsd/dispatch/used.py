@@ -11,8 +11,8 @@ What the writers share (`UsedLock`, created before the workers are forked, one p
 * `owner`: who holds the semaphore (a worker's index + 1, or SUPERVISOR). A posix
   semaphore is not released when its holder dies: the supervisor repairs it (`repair`) once
   it has reaped the dead holder;
-* a journal (`start`, `count`) of the update in progress, so the repair knows whether the
-  dead holder's entries were published;
+* a journal (`start`, `count`), written once the elements are in place: a repair finishes
+  the publication of a journaled update whose holder died;
 * `signalled_used` (+ valid), the EVENT_IDX state of the last interrupt decision;
 * `call_gen`, bumped when the call fd changes: a writer re-reads its control channel before
   it signals with a stale fd;
@@ -93,19 +93,21 @@ class UsedLock:
 
     def repair(self, dead_owner: int, used: UsedRing | None) -> bool:
         """Release the semaphore if `dead_owner` (reaped: it can run no more) held it.
-        Entries it published are complete: their pending words are cleared. Unpublished
-        ones stay pending and are answered by the caller. Interrupts the guest through
-        `used` (the dead holder may not have). True if there was anything to repair."""
+        A journaled update is finished (its elements were in place): pending words cleared,
+        used.idx published. Anything not journaled was not published and stays pending, for
+        the caller to answer. Interrupts the guest through `used` (the dead holder may not
+        have). True if there was anything to repair."""
         words = self.words
         if words[_OWNER] != dead_owner:
             return False
         count = words[_COUNT]
         if count and used is not None and used.mapped:
             start = words[_START]
-            if (used.used_idx() - start) & 0xFFFF == count:
-                for head in used.heads(start, count):
-                    if self.pending[head] == dead_owner:
-                        self.pending[head] = 0
+            for head in used.heads(start, count):
+                if self.pending[head] == dead_owner:
+                    self.pending[head] = 0
+            if used.used_idx() == start:  # not published yet
+                used.publish((start + count) & 0xFFFF)
         words[_COUNT] = 0
         # Nothing more to keep consistent: a published entry is complete, an unpublished
         # one does not exist. The EVENT_IDX state may lag, so force the next interrupt.
@@ -173,6 +175,12 @@ class UsedRing:
         assert self._used is not None
         return self._used[1]
 
+    def publish(self, idx: int) -> None:
+        """Store used.idx (one aligned u16 store; release order is free on x86). From here
+        on the guest may reuse the heads: nothing of theirs is touched after it."""
+        assert self._used is not None
+        self._used[1] = idx
+
     def heads(self, start: int, count: int) -> list[int]:
         """The heads of `count` used elements from index `start` (repair)."""
         assert self._elems is not None
@@ -210,8 +218,6 @@ class UsedRing:
                 return 0
             words = lock.words
             idx = used[1]
-            words[_START] = idx
-            words[_COUNT] = n
             start = idx & self._mask
             end = start + n
             if end <= self.size:
@@ -220,10 +226,14 @@ class UsedRing:
                 split = self.size - start
                 elems_view[start:] = array("Q", elems[:split])
                 elems_view[: end - self.size] = array("Q", elems[split:])
-            new = (idx + n) & 0xFFFF
-            used[1] = new  # publish (release: free on x86)
+            # Journal, then clear the pending words *before* publishing: once used.idx moves
+            # the guest may reuse a head at once, and the supervisor then routes it anew.
+            words[_START] = idx
+            words[_COUNT] = n
             for h in heads:
                 pending[h] = 0
+            new = (idx + n) & 0xFFFF
+            self.publish(new)
             words[_COUNT] = 0
             full_fence()  # store used.idx -> load used_event / avail.flags
             if self.event_idx:
