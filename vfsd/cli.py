@@ -300,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(["no export: give --shared-dir DIR (or -o source=DIR)"])
     if problems := hostcheck.problems(settings):
         return _fail([f"{key}: {reason}" for key, reason in problems])
+    if risk := hostcheck.device_node_risk(settings):
+        log.warning(risk)
     from vfsd.supervisor import StartupError, Supervisor
 
     try:

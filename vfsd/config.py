@@ -20,7 +20,7 @@ import yaml
 from vfsd.affinity import parse_cpulist
 from vfsd.fs.inode_table import MAX_CAPACITY
 from vfsd.fuse.idmap import IdMap, IdMapError
-from vfsd.fuse.options import CACHE_MODES, HANDLE_MODES, FsOptions
+from vfsd.fuse.options import CACHE_MODES, DEVICE_MODES, HANDLE_MODES, FsOptions
 from vfsd.fuse.xattrmap import XattrMap, XattrMapError
 from vfsd.metrics.http import parse_listen
 
@@ -115,7 +115,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("security_label", bool, False, "Store the security label the guest LSM gives new"
             " files (FUSE_SECURITY_CTX)."),
     Setting("readonly", bool, False, "Refuse every write with EROFS."),
-    Setting("allow_devices", bool, False, "Let the guest create device nodes (MKNOD)."),
+    Setting("allow_devices", str, "all", "Device nodes the guest may create (MKNOD): all (as"
+            " virtiofsd; true), whiteouts (only overlayfs' 0:0 character devices), none"
+            " (false).", choices=DEVICE_MODES, aliases={True: "all", False: "none"}),
     Setting("writeback", bool, False, "Let the guest kernel cache writes (FUSE writeback)."),
     Setting("allow_direct_io", bool, False, "Honour the guest's O_DIRECT on the host."),
     Setting("readdirplus", bool, True, "Answer READDIRPLUS (attributes with directory entries)."),
@@ -175,7 +177,7 @@ class Settings:
     posix_acl: bool = False
     security_label: bool = False
     readonly: bool = False
-    allow_devices: bool = False
+    allow_devices: str = "all"
     writeback: bool = False
     allow_direct_io: bool = False
     readdirplus: bool = True

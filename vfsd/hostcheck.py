@@ -43,3 +43,20 @@ def _nr_open() -> int:
     except (OSError, ValueError):
         return 1 << 20  # the kernel's default
 
+
+def device_node_risk(settings: Settings) -> str | None:
+    """Why allowing device nodes is risky on this export, or None.
+
+    vfsd never opens a device node, but any host process that opens one the guest made
+    reaches the host device, unless the export's mount is nodev."""
+    if settings.allow_devices != "all" or not settings.shared_dir:
+        return None
+    try:
+        if os.statvfs(settings.shared_dir).f_flag & os.ST_NODEV:
+            return None
+    except OSError:
+        return None
+    return (f"the guest may create device nodes (allow_devices: all) and {settings.shared_dir}"
+            " is not on a nodev mount: a host process that opens a node the guest made "
+            "reaches the host device. Mount the export nodev, or set allow_devices: "
+            "whiteouts (overlayfs only) or none")

@@ -4,6 +4,7 @@ report, and the host checks start-up shares with it."""
 import argparse
 import logging
 import os
+import subprocess
 
 import pytest
 
@@ -92,3 +93,32 @@ def test_host_problems(tmp_path, monkeypatch):
         ("rlimit_nofile", f"above this host's fs.nr_open ({hostcheck._nr_open()})")]
     assert hostcheck.problems(config.Settings(shared_dir=str(tmp_path), socket_group="0")) == []
 
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """Mount a tmpfs with the given options (root only)."""
+    mounted = []
+
+    def mount(name: str, options: str):
+        path = tmp_path / name
+        path.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size=1m,{options}", "tmpfs", path],
+                           capture_output=True, text=True)
+        if r.returncode:
+            pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
+        mounted.append(path)
+        return str(path)
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", path], check=True)
+
+
+def test_device_node_risk_unless_nodev_or_hardened(tmpfs):
+    dev, nodev = tmpfs("dev", "dev"), tmpfs("nodev", "nodev")
+    risk = hostcheck.device_node_risk(config.Settings(shared_dir=dev))
+    assert risk is not None and dev in risk and "not on a nodev mount" in risk
+    assert hostcheck.device_node_risk(config.Settings(shared_dir=nodev)) is None
+    for mode in ("whiteouts", "none"):
+        assert hostcheck.device_node_risk(config.Settings(shared_dir=dev,
+                                                          allow_devices=mode)) is None

@@ -60,6 +60,9 @@ def test_yaml_errors_name_file_line_key(tmp_path, monkeypatch, text, message):
         ("readonly: 'on'\n", "readonly: expected bool, got 'on'"),
         ('workers: "4"\n', "f.yaml:1: workers: expected int, got '4': a quoted value is a string"
                            " in YAML; write 4 without quotes"),
+        ('allow_devices: "false"\n', "allow_devices: must be one of all, whiteouts, none (or true,"
+                                     " false), got 'false': a quoted value is a string in YAML;"
+                                     " write false without quotes"),
         ("workers:\n", "f.yaml:1: workers: no value (leave the key out for the default, 0)"),
     ],
 )
@@ -131,6 +134,23 @@ def test_a_bad_log_level_is_the_same_error_everywhere(tmp_path):
             cli.settings_from_args(argv)
 
 
+def test_allow_devices_modes_and_spellings(tmp_path):
+    assert config.Settings().allow_devices == "all"  # as virtiofsd
+    f = tmp_path / "f.yaml"
+    for text, mode in (("true", "all"), ("false", "none"), ("whiteouts", "whiteouts"),
+                       ("none", "none"), ("all", "all")):
+        f.write_text(f"allow_devices: {text}\n")
+        assert config.load_yaml(str(f)) == {"allow_devices": mode}, text
+    for argv, mode in ((["--allow-devices"], "all"), (["--no-allow-devices"], "none"),
+                       (["--allow-devices", "whiteouts"], "whiteouts"),
+                       (["-o", "allow_devices"], "all"), (["-o", "no_allow_devices"], "none"),
+                       (["-o", "allow_devices=whiteouts"], "whiteouts"),
+                       (["-o", "allow_devices=false"], "none")):
+        assert cli.settings_from_args(argv).allow_devices == mode, argv
+    with pytest.raises(config.ConfigError, match="allow_devices: must be one of"):
+        cli.settings_from_args(["-o", "allow_devices=some"])
+
+
 def test_unknown_o_option_suggests_the_nearest(capsys):
     with pytest.raises(config.ConfigError, match=r"-o wrokers=2: unknown option \(did you mean "
                                                  r"'workers'\?\)"):
@@ -188,7 +208,7 @@ def test_every_fs_option_reaches_fs_options():
     changed = {
         "shared_dir": "/x", "cache": "metadata", "xattr": True,
         "xattrmap": ":ok:all:::", "posix_acl": True, "security_label": True,
-        "readonly": True, "allow_devices": True, "writeback": True, "allow_direct_io": True,
+        "readonly": True, "allow_devices": "whiteouts", "writeback": True, "allow_direct_io": True,
         "readdirplus": False, "killpriv_v2": True, "announce_submounts": True,
         "inode_file_handles": "prefer", "translate_uid": ("map:0:1:1",),
         "translate_gid": ("squash-guest:0:7:10",), "preserve_noatime": True,

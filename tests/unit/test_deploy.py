@@ -198,6 +198,9 @@ def test_unit_essentials():
     assert {"CAP_DAC_READ_SEARCH", "CAP_SETUID", "CAP_SETGID", "CAP_CHOWN", "CAP_FOWNER",
             "CAP_DAC_OVERRIDE", "CAP_FSETID"} <= caps
     assert "CAP_SYS_ADMIN" not in caps
+    # allow_devices: all is the default: PrivateDevices=yes would drop CAP_MKNOD and refuse
+    # mknod through the device cgroup.
+    assert "CAP_MKNOD" in caps and service["PrivateDevices"] == ["no"]
     assert "RestrictSUIDSGID" not in service  # the guest may create setuid files
     assert "AF_UNIX" in service["RestrictAddressFamilies"][0]
     assert "@mount" in service["SystemCallFilter"][0]
