@@ -289,6 +289,14 @@ def test_every_deploy_file_is_covered():
         "provisioning/datasource.yaml"}
 
 
+def test_deploy_readme_lists_every_file():
+    text = (DEPLOY / "README.md").read_text()
+    for p in DEPLOY.iterdir():
+        if p.is_file() and p.name != "README.md":
+            assert f"| `{p.name}` |" in text, p.name
+    assert "coming later" not in text.lower()
+
+
 def test_paths_in_docs_exist():
     for rel in ("deploy/vfsd-alerts.yaml", "deploy/prometheus.yml", "grafana/vfsd-dashboard.json"):
         assert Path(REPO, rel).is_file()
