@@ -38,9 +38,8 @@ def parse_cpulist(text: str) -> frozenset[int]:
 def usable(cpus: frozenset[int]) -> frozenset[int]:
     """The CPUs of `cpus` this process may run on; raises ValueError if some are not."""
     allowed = os.sched_getaffinity(0)
-    missing = sorted(cpus - allowed)
-    if missing:
-        raise ValueError(f"CPU(s) {','.join(map(str, missing))} not available (allowed: "
+    if missing := cpus - allowed:
+        raise ValueError(f"CPU(s) {format_cpulist(missing)} not available (allowed: "
                          f"{format_cpulist(frozenset(allowed))})")
     return cpus
 

@@ -56,6 +56,7 @@ H_MAGIC, H_CAPACITY, H_NBUCKETS, H_NSTRIPES, H_FREE, H_NEXT_UNUSED, H_COUNT = ra
 _ENTRY_Q = 24
 E_NODEID, E_GEN, E_NLOOKUP, E_DEV, E_INO, E_MNT, E_NEXT, E_HMETA, E_HANDLE = range(9)
 _SLOT_MASK = 0xFFFFFFFF
+MAX_CAPACITY = _SLOT_MASK - 1  # slot numbers are 32 bits of the nodeid
 _GEN_MAX = 0xFFFFFFFF
 _M64 = (1 << 64) - 1
 
@@ -158,7 +159,7 @@ class InodeTable:
         """Create a table (supervisor, before forking). The shm name is unlinked once mapped
         unless `unlink=False` (then tools can `attach` by name). Without `lock_path` the
         lock file is an anonymous memfd (see the module docstring)."""
-        if not 2 <= capacity < _SLOT_MASK:
+        if not 2 <= capacity <= MAX_CAPACITY:
             raise ValueError("capacity out of range")
         if stripes & (stripes - 1) or not 1 <= stripes <= 4096:
             raise ValueError("stripes must be a power of two in 1..4096")
