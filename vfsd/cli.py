@@ -305,7 +305,10 @@ def main(argv: list[str] | None = None) -> int:
     from vfsd.supervisor import StartupError, Supervisor
 
     try:
-        return Supervisor(settings, reload=lambda: settings_from_args(argv)).run()
+        # SIGHUP re-reads the YAML file; without one there is nothing to reload.
+        has_file = serve_parser().parse_args(argv).config is not None
+        reload = (lambda: settings_from_args(argv)) if has_file else None
+        return Supervisor(settings, reload=reload).run()
     except StartupError as e:
         return _fail([str(e)])
 

@@ -94,6 +94,8 @@ class Operations(SupervisorState):
         """SIGHUP: apply what can change live, log what needs a restart; the guest never
         notices (no ring, session or handle is touched)."""
         if self._reload is None:
+            log.warning("SIGHUP: no configuration file to reload (start vfsd with --config "
+                        "FILE to change settings live)")
             return
         sdnotify.reloading()
         try:
