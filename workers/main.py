@@ -248,16 +248,16 @@ class Worker:
 
     def complete(self, done: list[int]) -> None:
         """Return chains to the guest (used ring + interrupt), then tell the supervisor."""
+        channel = self.channel
+        channel.block[CB_SERVED] += len(done)  # before the guest can see them
         queue = done[0] & 0xFFFF
         if all(r & 0xFFFF == queue for r in done):
             self._return(queue, done)
         else:
             for q in {r & 0xFFFF for r in done}:
                 self._return(q, [r for r in done if r & 0xFFFF == q])
-        channel = self.channel
         channel.completions.push(done)
         channel.completions.wake_if_sleeping(self.spec.completion_doorbell)
-        channel.block[CB_SERVED] += len(done)
 
     def _return(self, queue: int, done: list[int]) -> None:
         used = self.used.get(queue)

@@ -48,11 +48,16 @@ class Operations(SupervisorState):
         workers, inflight = [], []
         for slot in self.pool.slots:
             beat = slot.channel.block[CB_HEARTBEAT_NS]
+            # A request whose pending word is clear was returned to the guest already; its
+            # completion record is on its way.
+            mine = slot.index + 1
+            running = {key: entry for key, entry in slot.inflight.items()
+                       if self.used_locks[key >> 16].pending[key & 0xFFFF] == mine}
             workers.append({
-                "index": slot.index, "pid": slot.pid, "inflight": len(slot.inflight),
+                "index": slot.index, "pid": slot.pid, "inflight": len(running),
                 "served": slot.channel.block[CB_SERVED], "restarts": slot.incarnation - 1,
                 "heartbeat_age_s": round((now - beat) / 1e9, 3) if beat else None})
-            inflight += status.inflight_rows(slot.inflight, slot.index, now)
+            inflight += status.inflight_rows(running, slot.index, now)
         inflight.sort(key=lambda r: -r["age_s"])
         return {
             "version": __version__, "pid": os.getpid(),
