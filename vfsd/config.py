@@ -10,14 +10,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
-import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
-from vfsd.affinity import parse_cpulist
+from vfsd.affinity import cpu_budget, parse_cpulist
 from vfsd.fs.inode_table import MAX_CAPACITY
 from vfsd.fuse.idmap import IdMap, IdMapError
 from vfsd.fuse.options import CACHE_MODES, DEVICE_MODES, HANDLE_MODES, FsOptions
@@ -202,10 +201,11 @@ class Settings:
 
     @property
     def worker_count(self) -> int:
-        """Worker processes to run: `workers` (0 = one per CPU), but 1 when inodes cannot be
+        """Worker processes to run: `workers` (0 = one per CPU this process may use: affinity,
+        cpuset and CPU quota, see `cpu_budget`), but 1 when inodes cannot be
         shared between processes (inode_file_handles never, or prefer on an export without
         file handles): only file handles let any worker reopen any inode."""
-        n = self.workers or os.cpu_count() or 1
+        n = self.workers or cpu_budget()
         if n > 1 and (reason := self.single_worker_reason()) is not None:
             if reason not in _LOGGED:
                 _LOGGED.add(reason)

@@ -294,3 +294,32 @@ def test_cpulists():
     with pytest.raises(ValueError) as e:  # ranges, not 98 numbers
         usable(frozenset(range(top + 1, top + 99)) | {top + 200})
     assert f"CPU(s) {top + 1}-{top + 98},{top + 200} not available" in str(e.value)
+
+
+def test_default_worker_count_is_the_cpus_this_process_may_use(tmp_path, monkeypatch):
+    """workers: 0 sizes the pool to the affinity mask and a cgroup CPU quota, not to the
+    host's CPU count (one vfsd per VM: each must stay within its own share)."""
+    from vfsd import affinity
+
+    monkeypatch.setattr(affinity.os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3})
+    cg = tmp_path / "cg"
+    (cg / "vm1").mkdir(parents=True)
+    real_open = open
+
+    def fake_open(path, *a, **kw):
+        if path == "/proc/self/cgroup":
+            path = tmp_path / "self-cgroup"
+        return real_open(path, *a, **kw)
+
+    (tmp_path / "self-cgroup").write_text("0::/vm1\n")
+    monkeypatch.setattr("builtins.open", fake_open)
+    (cg / "vm1" / "cpu.max").write_text("max 100000\n")
+    assert affinity.cpu_budget(str(cg)) == 4
+    (cg / "vm1" / "cpu.max").write_text("150000 100000\n")  # CPUQuota=150%
+    assert affinity.cpu_budget(str(cg)) == 2
+    (cg / "vm1" / "cpu.max").write_text("10000 100000\n")
+    assert affinity.cpu_budget(str(cg)) == 1
+    (cg / "vm1" / "cpu.max").unlink()  # no cpu controller here: the affinity decides
+    assert affinity.cpu_budget(str(cg)) == 4
+    monkeypatch.setattr(affinity.os, "sched_getaffinity", lambda _pid: {2})
+    assert affinity.cpu_budget(str(cg)) == 1
