@@ -11,7 +11,7 @@ BENCH_ARGS ?=
 VIRTIOFSD ?= /usr/lib/qemu/virtiofsd
 BENCH_DAEMONS = vfsd:1 vfsd:2 vfsd:4 $(if $(wildcard $(VIRTIOFSD)),virtiofsd:0)
 
-.PHONY: bench bench-quick
+.PHONY: bench bench-quick bench-compare
 
 bench:
 	@mkdir -p $(dir $(BENCH_OUT))
@@ -22,3 +22,16 @@ bench:
 # A smoke run of the same set (seconds, not minutes): the numbers mean little.
 bench-quick:
 	$(MAKE) bench BENCH_DURATION=0.3 BENCH_OUT=/dev/null
+
+# vfsd with default settings against the reference, PASSES interleaved passes, then medians
+# and ranges (python -m vfsd.bench.summary): the table docs/PERFORMANCE.md quotes.
+PASSES ?= 5
+COMPARE_WORKLOADS ?= getattr lookup read4k write4k create read1m write1m
+bench-compare:
+	@mkdir -p .cache/compare
+	for i in $$(seq $(PASSES)); do \
+		$(PYTHON) -m vfsd bench --spawn vfsd:0 virtiofsd:0 --virtiofsd $(VIRTIOFSD) \
+			--workload $(COMPARE_WORKLOADS) --queue-depth 1 16 --duration $(BENCH_DURATION) \
+			--save .cache/compare/pass$$i.json $(BENCH_ARGS) > /dev/null || exit 1; \
+	done
+	$(PYTHON) -m vfsd.bench.summary $$(seq -f .cache/compare/pass%g.json $(PASSES))

@@ -38,9 +38,8 @@ def parse_cpulist(text: str) -> frozenset[int]:
 def usable(cpus: frozenset[int]) -> frozenset[int]:
     """The CPUs of `cpus` this process may run on; raises ValueError if some are not."""
     allowed = os.sched_getaffinity(0)
-    missing = sorted(cpus - allowed)
-    if missing:
-        raise ValueError(f"CPU(s) {','.join(map(str, missing))} not available (allowed: "
+    if missing := cpus - allowed:
+        raise ValueError(f"CPU(s) {format_cpulist(missing)} not available (allowed: "
                          f"{format_cpulist(frozenset(allowed))})")
     return cpus
 
@@ -53,3 +52,23 @@ def format_cpulist(cpus: frozenset[int]) -> str:
         run = [cpu for _, cpu in group]
         out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
     return ",".join(out)
+
+
+def cpu_budget(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """How many CPUs this process may use: its affinity (which a cgroup cpuset narrows),
+    capped by a cgroup v2 CPU quota (`cpu.max`, e.g. systemd's CPUQuota=) rounded up.
+    Not os.cpu_count(): one vfsd runs per VM, and each must size itself to its own share."""
+    n = len(os.sched_getaffinity(0))
+    try:
+        with open("/proc/self/cgroup") as f:
+            path = next((line.split(":", 2)[2].strip() for line in f
+                         if line.startswith("0::")), None)
+        if path is None:
+            return n
+        with open(os.path.join(cgroup_root, path.lstrip("/"), "cpu.max")) as f:
+            quota, period = f.read().split()
+    except (OSError, ValueError):
+        return n
+    if quota == "max":
+        return n
+    return max(1, min(n, -(-int(quota) // int(period))))

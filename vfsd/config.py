@@ -8,17 +8,18 @@ Errors name the file, line, key and reason.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
-import os
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
-from vfsd.affinity import parse_cpulist
+from vfsd.affinity import cpu_budget, parse_cpulist
+from vfsd.fs.inode_table import MAX_CAPACITY
 from vfsd.fuse.idmap import IdMap, IdMapError
-from vfsd.fuse.options import CACHE_MODES, HANDLE_MODES, FsOptions
+from vfsd.fuse.options import CACHE_MODES, DEVICE_MODES, HANDLE_MODES, FsOptions
 from vfsd.fuse.xattrmap import XattrMap, XattrMapError
 from vfsd.metrics.http import parse_listen
 
@@ -26,7 +27,11 @@ log = logging.getLogger("vfsd.config")
 
 
 class ConfigError(Exception):
-    """A setting is unknown, of the wrong type or out of range."""
+    """Settings that are unknown, of the wrong type or out of range: one line per problem."""
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +42,21 @@ class Setting:
     help: str
     choices: tuple[str, ...] = ()
     check: Callable[[Any], str | None] | None = None  # returns a reason if invalid
+    #: Other spellings of a choice (virtiofsd's log levels; true/false for a mode).
+    aliases: Mapping[str | bool, str] = field(default_factory=dict)
+
+    @property
+    def switch(self) -> tuple[Any, Any] | None:
+        """The values of --NAME and --no-NAME (-o NAME, -o no_NAME), if it is a switch."""
+        if self.kind is bool:
+            return True, False
+        if True in self.aliases and False in self.aliases:
+            return self.aliases[True], self.aliases[False]
+        return None
+
+
+def _between(low: int, high: int) -> Callable[[int], str | None]:
+    return lambda v: None if low <= v <= high else f"must be between {low} and {high}"
 
 
 def _positive(v: int) -> str | None:
@@ -78,11 +98,12 @@ def _cpulist(v: str) -> str | None:
 SETTINGS: tuple[Setting, ...] = (
     Setting("shared_dir", str, None, "Host directory exported to the guest (required)."),
     Setting("socket_path", str, None, "vhost-user Unix socket vfsd listens on (QEMU connects)."),
-    Setting("socket_fd", int, None, "Already-listening socket fd inherited from the caller."),
-    Setting("workers", int, 0, "Worker processes; 0 = one per CPU.", check=lambda v: None
-            if 0 <= v <= 255 else "must be between 0 and 255"),
+    Setting("socket_fd", int, None, "Already-listening socket fd inherited from the caller.",
+            check=_between(0, (1 << 31) - 1)),  # a C int
+    Setting("workers", int, 0, "Worker processes; 0 = one per CPU.", check=_between(0, 255)),
+    # vhost-user queue indices are 8 bits, and one is the hiprio queue.
     Setting("num_queues", int, 3, "Request queues vfsd accepts (plus the hiprio queue).",
-            check=_positive),
+            check=_between(1, 255)),
     Setting("cache", str, "auto", "Guest caching: never (0 s timeouts, direct I/O), auto (1 s),"
             " metadata (1 day, file data uncached), always (1 day, keep page cache).",
             choices=CACHE_MODES),
@@ -93,7 +114,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("security_label", bool, False, "Store the security label the guest LSM gives new"
             " files (FUSE_SECURITY_CTX)."),
     Setting("readonly", bool, False, "Refuse every write with EROFS."),
-    Setting("allow_devices", bool, False, "Let the guest create device nodes (MKNOD)."),
+    Setting("allow_devices", str, "all", "Device nodes the guest may create (MKNOD): all (as"
+            " virtiofsd; true), whiteouts (only overlayfs' 0:0 character devices), none"
+            " (false).", choices=DEVICE_MODES, aliases={True: "all", False: "none"}),
     Setting("writeback", bool, False, "Let the guest kernel cache writes (FUSE writeback)."),
     Setting("allow_direct_io", bool, False, "Honour the guest's O_DIRECT on the host."),
     Setting("readdirplus", bool, True, "Answer READDIRPLUS (attributes with directory entries)."),
@@ -112,10 +135,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("posix_lock", bool, True, "fcntl byte-range locks held on the host"
             " (FUSE_POSIX_LOCKS)."),
     Setting("flock", bool, True, "flock() locks held on the host (FUSE_FLOCK_LOCKS)."),
+    # The guest holds a lookup on every inode in its dentry cache: a smaller table fails
+    # ordinary directory listings.
     Setting("inode_capacity", int, 1 << 20, "Live inodes the shared table holds.",
-            check=_positive),
-    Setting("log_level", str, "info", "Log level.",
-            choices=("debug", "info", "warning", "error")),
+            check=_between(1024, MAX_CAPACITY)),
+    Setting("log_level", str, "info", "Log level: debug, info, warning, error (virtiofsd's"
+            " trace = debug, warn, err and off = error are accepted too).",
+            choices=("debug", "info", "warning", "error"),
+            # False: YAML 1.1 reads an unquoted `off` as a boolean.
+            aliases={"trace": "debug", "warn": "warning", "err": "error", "off": "error",
+                     False: "error"}),
     Setting("log_format", str, "text", "Log format on stderr.", choices=("text", "json")),
     Setting("socket_group", str, None, "Group owning the vhost-user socket (mode 0660)."),
     Setting("syslog", bool, False, "Log to syslog/journald instead of stderr."),
@@ -147,7 +176,7 @@ class Settings:
     posix_acl: bool = False
     security_label: bool = False
     readonly: bool = False
-    allow_devices: bool = False
+    allow_devices: str = "all"
     writeback: bool = False
     allow_direct_io: bool = False
     readdirplus: bool = True
@@ -172,10 +201,11 @@ class Settings:
 
     @property
     def worker_count(self) -> int:
-        """Worker processes to run: `workers` (0 = one per CPU), but 1 when inodes cannot be
+        """Worker processes to run: `workers` (0 = one per CPU this process may use: affinity,
+        cpuset and CPU quota, see `cpu_budget`), but 1 when inodes cannot be
         shared between processes (inode_file_handles never, or prefer on an export without
         file handles): only file handles let any worker reopen any inode."""
-        n = self.workers or os.cpu_count() or 1
+        n = self.workers or cpu_budget()
         if n > 1 and (reason := self.single_worker_reason()) is not None:
             if reason not in _LOGGED:
                 _LOGGED.add(reason)
@@ -205,16 +235,70 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
 
+def did_you_mean(word: str, candidates: Iterable[str]) -> str:
+    """' (did you mean 'x'?)' for the closest candidate to a misspelt `word`, else ''."""
+    close = difflib.get_close_matches(word, list(candidates), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+_WORDS = {"true": True, "yes": True, "on": True, "1": True,
+          "false": False, "no": False, "off": False, "0": False}
+_QUOTED = ": a quoted value is a string in YAML"
+
+
+def _word_value(setting: Setting, text: str) -> Any:
+    """What command-line `text` stands for as a value of `setting` (None if nothing)."""
+    if setting.switch is not None and text.lower() in _WORDS:
+        on, off = setting.switch
+        return on if _WORDS[text.lower()] else off
+    if setting.kind is int and text.lstrip("-").isdigit():
+        return int(text)
+    return None
+
+
+def _wrong_type(setting: Setting, value: Any) -> str:
+    kind = "list" if setting.kind is tuple else setting.kind.__name__
+    reason = f"expected {kind}, got {value!r}"
+    if isinstance(value, str) and setting.kind in (bool, int):
+        # "false" would be true as a non-empty string: a trap, so never convert.
+        reason += _QUOTED
+        if (word := _word_value(setting, value)) is not None:
+            reason += f"; write {str(word).lower()} without quotes"
+    return reason
+
+
+def _not_a_choice(setting: Setting, value: str) -> str:
+    names = [*setting.choices, *(a for a in setting.aliases if isinstance(a, str))]
+    reason = f"must be one of {', '.join(names)}"
+    if setting.switch is not None:
+        reason += " (or true, false)"
+    reason += f", got {value!r}"
+    if setting.switch is not None and value.lower() in _WORDS:
+        return f"{reason}{_QUOTED}; write {str(_WORDS[value.lower()]).lower()} without quotes"
+    return reason + did_you_mean(value, names)
+
+
+def from_text(key: str, text: str, where: str = "") -> Any:
+    """A command-line value (always text) for `key`: yes/no words for switches, digits for
+    numbers; then checked like a YAML value."""
+    word = _word_value(BY_KEY[key], text)
+    return check_value(key, text if word is None else word, where)
+
+
 def check_value(key: str, value: Any, where: str = "") -> Any:
-    """Validate one value for `key`; returns it (ints accept digit strings from the CLI)."""
-    prefix = f"{where}{key}: "
+    """Validate one value for `key` as its type (no conversion from strings, so YAML's
+    `readonly: "false"` fails); returns it with aliases resolved."""
     setting = BY_KEY.get(key)
     if setting is None:
-        raise ConfigError(f"{where}unknown setting '{key}'")
+        raise ConfigError(f"{where}unknown setting '{key}'{did_you_mean(key, BY_KEY)}")
+    prefix = f"{where}{key}: "
     if value is None:
-        return None
-    if setting.kind is int and isinstance(value, str) and value.lstrip("-").isdigit():
-        value = int(value)
+        if setting.default is None:
+            return None
+        raise ConfigError(f"{prefix}no value (leave the key out for the default, "
+                          f"{setting.default!r})")
+    if type(value) in (str, bool) and value in setting.aliases:
+        value = setting.aliases[value]
     if setting.kind is tuple:
         if isinstance(value, str):
             value = (value,)
@@ -222,24 +306,18 @@ def check_value(key: str, value: Any, where: str = "") -> Any:
             value = tuple(value)
         else:
             raise ConfigError(f"{prefix}expected a string or a list of strings, got {value!r}")
-    if setting.kind is bool and isinstance(value, str):
-        lowered = value.lower()
-        if lowered in ("true", "yes", "on", "1"):
-            value = True
-        elif lowered in ("false", "no", "off", "0"):
-            value = False
     if not isinstance(value, setting.kind) or (setting.kind is int and isinstance(value, bool)):
-        kind = "list" if setting.kind is tuple else setting.kind.__name__
-        raise ConfigError(f"{prefix}expected {kind}, got {value!r}")
+        raise ConfigError(f"{prefix}{_wrong_type(setting, value)}")
     if setting.choices and value not in setting.choices:
-        raise ConfigError(f"{prefix}must be one of {', '.join(setting.choices)}, got {value!r}")
+        raise ConfigError(f"{prefix}{_not_a_choice(setting, value)}")
     if setting.check and (reason := setting.check(value)):
         raise ConfigError(f"{prefix}{reason}")
     return value
 
 
-def load_yaml(path: str) -> dict[str, Any]:
-    """Read a YAML settings file; every error names file, line and key."""
+def read_yaml(path: str) -> tuple[dict[str, Any], dict[str, int]]:
+    """A YAML settings file's values and the line of each key. Raises ConfigError naming
+    file, line, key and reason for every problem in the file, not only the first."""
     try:
         with open(path, encoding="utf-8") as f:
             root = yaml.compose(f)
@@ -248,24 +326,46 @@ def load_yaml(path: str) -> dict[str, Any]:
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from e
     if root is None:
-        return {}
+        return {}, {}
     if not isinstance(root, yaml.MappingNode):
         raise ConfigError(f"{path}:{root.start_mark.line + 1}: top level must be a mapping")
     values: dict[str, Any] = {}
+    lines: dict[str, int] = {}
+    problems: list[str] = []
     loader = yaml.SafeLoader("")
     for key_node, value_node in root.value:
         key = key_node.value
-        where = f"{path}:{key_node.start_mark.line + 1}: "
-        if key in values:
-            raise ConfigError(f"{where}{key}: set twice")
-        value = loader.construct_object(value_node, deep=True)
-        values[key] = check_value(key, value, where)
-    return values
+        line = key_node.start_mark.line + 1
+        where = f"{path}:{line}: "
+        if key in lines:
+            problems.append(f"{where}{key}: set twice (first on line {lines[key]})")
+            continue
+        lines[key] = line
+        try:
+            values[key] = check_value(key, loader.construct_object(value_node, deep=True), where)
+        except ConfigError as e:
+            problems += e.problems
+        except yaml.YAMLError as e:  # e.g. an unhashable key inside a value
+            problems.append(f"{where}{key}: invalid YAML: {e}")
+    if problems:
+        raise ConfigError(*problems)
+    return values, lines
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    """The values of a YAML settings file (see read_yaml)."""
+    return read_yaml(path)[0]
 
 
 def build(file_values: dict[str, Any], cli_values: dict[str, Any]) -> Settings:
     """Defaults < YAML < CLI (None on the CLI means 'not given')."""
     merged = {**file_values, **{k: v for k, v in cli_values.items() if v is not None}}
+    problems: list[str] = []
     for key, value in merged.items():
-        merged[key] = check_value(key, value)
+        try:
+            merged[key] = check_value(key, value)
+        except ConfigError as e:
+            problems += e.problems
+    if problems:
+        raise ConfigError(*problems)
     return Settings(**merged)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import multiprocess
 
 from vfsd.dispatch.channel import CB_SERVED, WorkerChannel
+from vfsd.dispatch.used import UsedLock
 from vfsd.fs.inode_table import InodeTable
 from vfsd.fuse.options import FsOptions
 from vfsd.metrics.slab import MetricsBook
@@ -61,13 +62,15 @@ class WorkerSlot:
 
 class WorkerPool:
     def __init__(self, size: int, table: InodeTable, options: FsOptions,
-                 completion_doorbell: int, book: MetricsBook) -> None:
+                 completion_doorbell: int, book: MetricsBook,
+                 used_locks: dict[int, UsedLock]) -> None:
         self.table = table
         self.book = book
         self.record_metrics = True
         self.worker_cpus: frozenset[int] | None = None  # sched_setaffinity in each worker
         self.options = options
         self.completion_doorbell = completion_doorbell
+        self.used_locks = used_locks
         self.slots = [WorkerSlot(i) for i in range(size)]
         self.close_in_child: Callable[[], tuple[int | socket.socket, ...]] = tuple
 
@@ -80,6 +83,7 @@ class WorkerPool:
             incarnation=slot.incarnation,
             channel=channel,
             completion_doorbell=self.completion_doorbell,
+            used_locks=self.used_locks,
             table=self.table,
             options=self.options,
             close_fds=self.close_in_child(),

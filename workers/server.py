@@ -340,6 +340,10 @@ class FuseServer:
         self.fs.destroy()
         self._session = None
 
+    def forgotten(self, nodeids: list[int]) -> int:
+        """The supervisor freed these nodeids (FORGET): close their cached fds now."""
+        return self.fs.forgotten(nodeids)
+
     def sweep(self) -> int:
         """Idle-time housekeeping: close cached fds of forgotten inodes."""
         sweep = getattr(self.fs, "sweep", None)

@@ -110,3 +110,13 @@ def test_every_workload_against_reference_virtiofsd():
                                 [16], DURATION, SMALL)
     check(results, "virtiofsd", [16])
     assert meta["write_chunk"] > 0
+
+
+def test_create_cycle_holds_no_more_deleted_files_than_queue_depth():
+    """A forgotten inode's cached O_PATH fd closes when the guest forgets it, in the worker
+    that holds it, not at a periodic sweep: under the create cycle (CREATE, RELEASE, UNLINK,
+    FORGET) the daemon never holds more fds of deleted files than requests in flight."""
+    results, _ = run_spawned(DaemonSpec("vfsd", 2), ["create"], [16], 1.5, SMALL)
+    (r,) = results
+    assert r.errors == 0 and r.ops > 100
+    assert r.extra["deleted_fds_peak"] <= 16, r.extra

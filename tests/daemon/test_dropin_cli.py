@@ -81,4 +81,4 @@ def test_supervisor_and_worker_cpus_take_effect(tmp_path):
                            "--worker-cpus", str(cpus[-1] + 1)],
                           capture_output=True, text=True, cwd=REPO, timeout=30)
     assert proc.returncode != 0
-    assert f"worker_cpus {cpus[-1] + 1}: CPU(s) {cpus[-1] + 1} not available" in proc.stderr
+    assert f"vfsd: worker_cpus: CPU(s) {cpus[-1] + 1} not available" in proc.stderr

@@ -67,3 +67,14 @@ def test_sighup_reload(tmp_path):
         assert daemon.log().count(" I [") == before
         client.close()
         assert daemon.wait(10) == 0
+
+
+def test_sighup_without_a_config_file_says_so(tmp_path):
+    export = tmp_path / "export"
+    export.mkdir()
+    with Daemon(tmp_path, export, workers=1) as daemon:
+        wait_log(daemon, "vfsd ready")
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_log(daemon, "no configuration file to reload")
+        assert "configuration reloaded" not in daemon.log()
+        assert daemon.proc.poll() is None

@@ -11,7 +11,9 @@ Guests (one daemon + one boot each):
 - cache never / cache always: the random I/O verifier again;
 - options: posix_acl, killpriv_v2, announce_submounts, security_label, cache metadata (the
   suite again, ACLs, submount st_dev);
-- readonly + xattrmap + translate_uid/gid: what the guest sees and may not do.
+- readonly + xattrmap + translate_uid/gid: what the guest sees and may not do;
+- device nodes: allow_devices all (the default), whiteouts and none, with overlayfs in the
+  guest on an upper directory in the share.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import fcntl
 import os
 import re
 import shutil
+import stat
 import subprocess
 import tempfile
 import time
@@ -373,3 +376,43 @@ def test_translated_ids_and_mapped_xattrs_seen_by_the_guest(ro_share):
     assert value == "mapped"
     names = ro_share.check(f"getfattr --absolute-names -d -m - {MNT}/owned")
     assert "user.k" in names and "hidden" not in names and "virtiofs" not in names
+
+
+# ------------------------------------------------------------------------------ device nodes
+@pytest.fixture(scope="module", params=["all", "whiteouts", "none"])
+def dev_share(request, tmp_path_factory) -> Iterator[tuple[str, Share]]:
+    """allow_devices: all is the default (no flag); overlayfs needs xattrs on its upper."""
+    mode = request.param
+    work = tmp_path_factory.mktemp(f"devices-{mode}")
+    export = work / "export"
+    export.mkdir()
+    flags = ["--xattr"] + ([] if mode == "all" else [f"--allow-devices={mode}"])
+    for share in start(work, export, 2, flags):
+        yield mode, share
+
+
+def test_device_nodes_and_overlayfs_whiteouts(dev_share):
+    mode, share = dev_share
+    rc, out = share.run(f"mknod {MNT}/null c 1 3 && mknod {MNT}/sda b 8 0")
+    if mode == "all":
+        assert rc == 0, out
+        assert os.lstat(share.export / "null").st_rdev == os.makedev(1, 3)
+        assert stat.S_ISBLK(os.lstat(share.export / "sda").st_mode)
+    else:
+        assert rc != 0 and "Operation not permitted" in out, out
+        assert not os.path.lexists(share.export / "null")
+    # Containers in a VM: overlayfs with its upper directory on the share. Deleting a lower
+    # file writes a whiteout, a 0:0 character device, into the upper directory.
+    rc, out = share.run(f"mkdir -p /tmp/lower /tmp/merged {MNT}/upper {MNT}/work"
+                        " && echo x > /tmp/lower/gone && echo y > /tmp/lower/kept && mount -t"
+                        f" overlay -o lowerdir=/tmp/lower,upperdir={MNT}/upper,workdir={MNT}/work"
+                        " ovl /tmp/merged")
+    if mode == "none":  # overlayfs makes a whiteout in its work directory when it mounts
+        assert rc != 0 and "permission denied" in out, out
+        return
+    assert rc == 0, out
+    share.check("rm /tmp/merged/gone")
+    assert share.check("ls /tmp/merged").split() == ["kept"]
+    st = os.lstat(share.export / "upper" / "gone")
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+    share.check("umount /tmp/merged")

@@ -52,6 +52,7 @@ WANTED_MODULES: tuple[str, ...] = (
     "virtiofs",
     "9pnet_virtio",
     "9p",
+    "overlay",  # overlayfs on a virtiofs upper directory (device-node whiteouts)
 )
 #: Host programs copied into the guest with their shared libraries (required, optional).
 HOST_PROGRAMS: tuple[tuple[str, bool], ...] = (

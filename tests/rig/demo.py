@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import IO
 
-from tests.rig.qemu import Guest, GuestError, GuestTimeout, qemu_binary
+from tests.rig.qemu import Guest, GuestError, GuestTimeout, kvm_failure, qemu_binary
 
 REPO = Path(__file__).resolve().parents[2]
 WORKDIR = Path("/var/tmp/vfsd-demo")
@@ -382,10 +382,12 @@ def prepare_export(export: Path, default: bool) -> None:
         note(f"wrote {readme}")
 
 
-def qemu_hint(socket_path: Path) -> str:
+def qemu_hint(socket_path: Path, no_kvm: str | None) -> str:
+    """QEMU options for the operator's own VM; `no_kvm` says why KVM does not work here."""
     sock = shlex.quote(str(socket_path))
-    return "\n".join([
-        "qemu-system-x86_64 -accel kvm -cpu host -m 2G \\",
+    accel = "-accel tcg -cpu max" if no_kvm else "-accel kvm -cpu host"
+    lines = [
+        f"qemu-system-x86_64 {accel} -m 2G \\",
         "    -object memory-backend-memfd,id=mem,size=2G,share=on -numa node,memdev=mem \\",
         f"    -chardev socket,id=vfs,path={sock} \\",
         f"    -device vhost-user-fs-pci,chardev=vfs,tag={TAG} \\",
@@ -395,7 +397,11 @@ def qemu_hint(socket_path: Path) -> str:
         "",
         "(-m and the memfd size must match: share=on guest RAM is what lets vfsd read and",
         " write the guest's buffers. One VM per socket; vfsd exits when that VM disconnects.)",
-    ])
+    ]
+    if no_kvm:
+        lines += ["", f"(TCG because KVM does not work here: {no_kvm}.",
+                  " Where it does, use -accel kvm -cpu host.)"]
+    return "\n".join(lines)
 
 
 def lock_workdir(workdir: Path) -> IO[str]:
@@ -492,7 +498,7 @@ class Demo:
 
     def serve_only(self) -> None:
         say("\nAttach a VM of your own, for example:\n")
-        say(qemu_hint(self.daemon.socket_path))
+        say(qemu_hint(self.daemon.socket_path, kvm_failure()))
         say()
         note(f"waiting for {self.daemon.name} to exit (Ctrl-C stops it)")
         rc = self.daemon.wait()
@@ -631,6 +637,16 @@ class Demo:
             say("result:        FAILED (see above)")
         else:
             say("result:        OK")
+            self.next_steps()
+
+    def next_steps(self) -> None:
+        say("next:")
+        if not self.args.shell:
+            say("  bash deploy/demo.sh --shell     type commands in the guest, on the share")
+        if not self.args.no_guest:
+            say("  bash deploy/demo.sh --no-guest  vfsd only, for a VM of your own (prints the"
+                " QEMU options)")
+        say("  README.md, 'Running it for a VM': vfsd for a real VM (QEMU, systemd, libvirt)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,8 +2,10 @@
 # Install the Debian packages the real-guest test rig needs, only if missing.
 #
 # Idempotent: when everything is present it does nothing (no apt-get update, no network).
-# Run as root (CI runs it before `pytest -m guest`).
+# Run as root (CI runs it before `pytest -m guest`). -q: no output when nothing is missing.
+# apt's and debconf's output goes to .cache/setup.log, shown only if apt fails.
 set -euo pipefail
+source "$(dirname "$0")/setup-log.sh"
 
 PKGS=(
     qemu-system-x86   # qemu-system-x86_64 (TCG, or KVM when it works)
@@ -26,7 +28,7 @@ for p in "${PKGS[@]}"; do
 done
 
 if ((${#missing[@]} == 0)); then
-    echo "deps.sh: all rig packages present"
+    [[ ${1:-} == -q ]] || echo "deps.sh: all rig packages present"
     exit 0
 fi
 
@@ -35,8 +37,8 @@ if [[ $(id -u) -ne 0 ]]; then
     exit 1
 fi
 
-echo "deps.sh: installing ${missing[*]}"
+echo "deps.sh: installing ${missing[*]} (apt; output in $setup_log)"
 export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
-apt-get install -y -qq --no-install-recommends "${missing[@]}"
+logged apt-get update -qq
+logged apt-get install -y -qq --no-install-recommends "${missing[@]}"
 echo "deps.sh: done"

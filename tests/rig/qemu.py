@@ -118,15 +118,28 @@ def cached_accel_verdict() -> str | None:
     return _accel_verdict
 
 
-def _record_verdict(accel: str) -> None:
+def _record_verdict(accel: str, reason: str | None = None) -> None:
     global _accel_verdict
     _accel_verdict = accel
     with contextlib.suppress(OSError):
         path = _verdict_file()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}")
-        tmp.write_text(json.dumps({"host": _host_fingerprint(), "accel": accel}))
+        tmp.write_text(json.dumps({"host": _host_fingerprint(), "accel": accel,
+                                   "reason": reason}))
         os.replace(tmp, path)
+
+
+def kvm_failure() -> str | None:
+    """Why guests run without KVM on this host (this boot), or None if KVM works or was not
+    tried yet: for advice such as which -accel to suggest."""
+    if not _kvm_usable():
+        return "/dev/kvm is missing or not accessible"
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        info = json.loads(_verdict_file().read_text())
+        if info["host"] == _host_fingerprint() and info["accel"] == "tcg":
+            return info.get("reason") or "the KVM probe failed"
+    return None
 
 
 def _accel_mode(requested: str | None) -> str:
@@ -169,17 +182,26 @@ def probe_kvm(image: rigbuild.GuestImage | None = None) -> str:
     workdir = tempfile.mkdtemp(prefix="vfsd-kvm-probe-")
     g = Guest(workdir, accel="kvm", image=image, name="kvm-probe", smp=1, mem="256M")
     g.image = image or rigbuild.build()
+    reason = None
     try:
         g._boot("kvm", max(60.0, probe), first_output_timeout=probe)
-        verdict = "kvm"
     except GuestError as e:
-        print(f"KVM probe failed ({_first_line(e)}); using TCG", file=sys.stderr)
-        verdict = "tcg"
+        reason = _first_line(e)
     finally:
         g.close(graceful=False)
-    shutil.rmtree(workdir, ignore_errors=True)
-    _record_verdict(verdict)
-    return verdict
+    if reason is None:
+        shutil.rmtree(workdir, ignore_errors=True)
+        _record_verdict("kvm")
+        return "kvm"
+    # QEMU's own words say why (e.g. an assertion in its KVM code): show them, keep the logs.
+    said = [ln for ln in _tail(g.qemu_log_path, 40).splitlines() if not ln.startswith("=== ")]
+    print(f"KVM probe failed ({reason}); using TCG", file=sys.stderr)
+    if said:
+        print("QEMU said:\n" + "\n".join(f"  {ln}" for ln in said[-5:]), file=sys.stderr)
+        reason += f"; QEMU: {said[-1].strip()}"
+    print(f"(probe logs kept in {workdir})", file=sys.stderr)
+    _record_verdict("tcg", reason)
+    return "tcg"
 
 
 class Guest:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -56,7 +57,8 @@ def test_daemon_spec_parse():
     spec = DaemonSpec.parse("virtiofsd:4", virtiofsd="/x")
     assert (spec.threads, spec.binary, spec.label) == (4, "/x", "virtiofsd:4")
     assert DaemonSpec.parse("vfsd:2", vfsd_root="/r").root == "/r"
-    for bad in ("qemu", "vfsd:x", "vfsd:0"):
+    assert DaemonSpec.parse("vfsd:0").threads == 0  # vfsd's default: one per CPU it may use
+    for bad in ("qemu", "vfsd:x", "vfsd:-1"):
         with pytest.raises(ValueError):
             DaemonSpec.parse(bad)
 
@@ -95,3 +97,25 @@ def test_table_and_json_have_every_workload_row():
         assert name in text
     assert "40.0+60.0" in text
     assert '"results"' in to_json(rows, [])
+
+
+def test_summary_medians_ranges_and_ratios(tmp_path):
+    from vfsd.bench.summary import load, summarize
+
+    def result(daemon: str, ops: float) -> dict:
+        return {"daemon": daemon, "workload": "getattr", "queue_depth": 16, "ops": 1000,
+                "ops_per_s": ops, "latency_us": {"p50": 100.0},
+                "daemon_cpu_by_process": [{"cpu_s": 0.002}, {"cpu_s": 0.004}],
+                "generator_cpu_us_per_op": 3.0}
+
+    files = []
+    for i, (mine, ref) in enumerate([(100, 200), (300, 200), (200, 400)]):
+        path = tmp_path / f"p{i}.json"
+        path.write_text(json.dumps({"meta": [], "results": [result("vfsd:0", mine),
+                                                             result("virtiofsd:0", ref)]}))
+        files.append(str(path))
+    table = summarize(load(files), "virtiofsd:0")
+    row = next(line for line in table.splitlines() if line.startswith("| vfsd:0"))
+    assert "200 [100-300]" in row
+    assert "0.50x [0.50-1.50]" in row  # per-pass ratios 0.5, 1.5, 0.5
+    assert "2.0+4.0" in row

@@ -50,6 +50,113 @@ def test_yaml_errors_name_file_line_key(tmp_path, monkeypatch, text, message):
     assert message in str(e.value)
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('readonly: "yes"\n', "f.yaml:1: readonly: expected bool, got 'yes': a quoted value is a"
+                              " string in YAML; write true without quotes"),
+        ('readonly: "false"\n', "readonly: expected bool, got 'false': a quoted value is a string"
+                                " in YAML; write false without quotes"),
+        ("readonly: 'on'\n", "readonly: expected bool, got 'on'"),
+        ('workers: "4"\n', "f.yaml:1: workers: expected int, got '4': a quoted value is a string"
+                           " in YAML; write 4 without quotes"),
+        ('allow_devices: "false"\n', "allow_devices: must be one of all, whiteouts, none (or true,"
+                                     " false), got 'false': a quoted value is a string in YAML;"
+                                     " write false without quotes"),
+        ("workers:\n", "f.yaml:1: workers: no value (leave the key out for the default, 0)"),
+    ],
+)
+def test_quoted_strings_are_not_other_types(tmp_path, monkeypatch, text, message):
+    monkeypatch.chdir(tmp_path)
+    Path("f.yaml").write_text(text)
+    with pytest.raises(config.ConfigError) as e:
+        config.load_yaml("f.yaml")
+    assert message in str(e.value)
+
+
+def test_unquoted_yaml_booleans_and_numbers_are_fine(tmp_path):
+    f = tmp_path / "f.yaml"
+    f.write_text("readonly: yes\nxattr: on\nflock: false\nworkers: 4\nshared_dir:\n")
+    assert config.load_yaml(str(f)) == {"readonly": True, "xattr": True, "flock": False,
+                                        "workers": 4, "shared_dir": None}
+
+
+def test_every_error_in_a_file_is_reported(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("f.yaml").write_text("wrokers: 2\ncache: metadatas\nxattr: true\n"
+                              "inode_capacity: 5\nxattr: false\nzzzz: 1\n")
+    with pytest.raises(config.ConfigError) as e:
+        config.load_yaml("f.yaml")
+    assert e.value.problems == (
+        "f.yaml:1: unknown setting 'wrokers' (did you mean 'workers'?)",
+        "f.yaml:2: cache: must be one of never, auto, metadata, always, got 'metadatas' (did "
+        "you mean 'metadata'?)",
+        "f.yaml:4: inode_capacity: must be between 1024 and 4294967294",
+        "f.yaml:5: xattr: set twice (first on line 3)",
+        "f.yaml:6: unknown setting 'zzzz'",
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("inode_capacity: 5\n", "inode_capacity: must be between 1024 and 4294967294"),
+        ("num_queues: 256\n", "num_queues: must be between 1 and 255"),
+        ("num_queues: 0\n", "num_queues: must be between 1 and 255"),
+        ("socket_fd: -1\n", "socket_fd: must be between 0 and"),
+        ("rlimit_nofile: 0\n", "rlimit_nofile: must be > 0"),
+    ],
+)
+def test_bounds_are_checked_on_any_host(tmp_path, monkeypatch, text, message):
+    monkeypatch.chdir(tmp_path)
+    Path("f.yaml").write_text(text)
+    with pytest.raises(config.ConfigError, match=message):
+        config.load_yaml("f.yaml")
+
+
+@pytest.mark.parametrize(("word", "level"), [
+    ("trace", "debug"), ("debug", "debug"), ("info", "info"), ("warn", "warning"),
+    ("warning", "warning"), ("err", "error"), ("error", "error"), ("off", "error")])
+def test_one_log_level_vocabulary_for_yaml_flag_and_o(tmp_path, word, level):
+    f = tmp_path / "f.yaml"
+    f.write_text(f"log_level: {word}\n")
+    assert cli.settings_from_args(["--config", str(f)]).log_level == level
+    assert cli.settings_from_args(["--log-level", word]).log_level == level
+    assert cli.settings_from_args(["-o", f"log_level={word}"]).log_level == level
+
+
+def test_a_bad_log_level_is_the_same_error_everywhere(tmp_path):
+    f = tmp_path / "f.yaml"
+    f.write_text("log_level: loud\n")
+    expected = "log_level: must be one of debug, info, warning, error, trace, warn, err, off"
+    for argv in (["--config", str(f)], ["--log-level", "loud"], ["-o", "log_level=loud"]):
+        with pytest.raises(config.ConfigError, match=expected):
+            cli.settings_from_args(argv)
+
+
+def test_allow_devices_modes_and_spellings(tmp_path):
+    assert config.Settings().allow_devices == "all"  # as virtiofsd
+    f = tmp_path / "f.yaml"
+    for text, mode in (("true", "all"), ("false", "none"), ("whiteouts", "whiteouts"),
+                       ("none", "none"), ("all", "all")):
+        f.write_text(f"allow_devices: {text}\n")
+        assert config.load_yaml(str(f)) == {"allow_devices": mode}, text
+    for argv, mode in ((["--allow-devices"], "all"), (["--no-allow-devices"], "none"),
+                       (["--allow-devices", "whiteouts"], "whiteouts"),
+                       (["-o", "allow_devices"], "all"), (["-o", "no_allow_devices"], "none"),
+                       (["-o", "allow_devices=whiteouts"], "whiteouts"),
+                       (["-o", "allow_devices=false"], "none")):
+        assert cli.settings_from_args(argv).allow_devices == mode, argv
+    with pytest.raises(config.ConfigError, match="allow_devices: must be one of"):
+        cli.settings_from_args(["-o", "allow_devices=some"])
+
+
+def test_unknown_o_option_suggests_the_nearest(capsys):
+    with pytest.raises(config.ConfigError, match=r"-o wrokers=2: unknown option \(did you mean "
+                                                 r"'workers'\?\)"):
+        cli.settings_from_args(["-o", "wrokers=2"])
+
+
 def test_cli_overrides_yaml_and_o_options(tmp_path):
     f = tmp_path / "v.yaml"
     f.write_text(yaml.safe_dump({"shared_dir": "/from/yaml", "workers": 2, "cache": "never"}))
@@ -101,7 +208,7 @@ def test_every_fs_option_reaches_fs_options():
     changed = {
         "shared_dir": "/x", "cache": "metadata", "xattr": True,
         "xattrmap": ":ok:all:::", "posix_acl": True, "security_label": True,
-        "readonly": True, "allow_devices": True, "writeback": True, "allow_direct_io": True,
+        "readonly": True, "allow_devices": "whiteouts", "writeback": True, "allow_direct_io": True,
         "readdirplus": False, "killpriv_v2": True, "announce_submounts": True,
         "inode_file_handles": "prefer", "translate_uid": ("map:0:1:1",),
         "translate_gid": ("squash-guest:0:7:10",), "preserve_noatime": True,
@@ -183,3 +290,36 @@ def test_cpulists():
     assert usable(allowed) == allowed
     with pytest.raises(ValueError, match="not available"):
         usable(frozenset({max(allowed) + 1}))
+    top = max(allowed)
+    with pytest.raises(ValueError) as e:  # ranges, not 98 numbers
+        usable(frozenset(range(top + 1, top + 99)) | {top + 200})
+    assert f"CPU(s) {top + 1}-{top + 98},{top + 200} not available" in str(e.value)
+
+
+def test_default_worker_count_is_the_cpus_this_process_may_use(tmp_path, monkeypatch):
+    """workers: 0 sizes the pool to the affinity mask and a cgroup CPU quota, not to the
+    host's CPU count (one vfsd per VM: each must stay within its own share)."""
+    from vfsd import affinity
+
+    monkeypatch.setattr(affinity.os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3})
+    cg = tmp_path / "cg"
+    (cg / "vm1").mkdir(parents=True)
+    real_open = open
+
+    def fake_open(path, *a, **kw):
+        if path == "/proc/self/cgroup":
+            path = tmp_path / "self-cgroup"
+        return real_open(path, *a, **kw)
+
+    (tmp_path / "self-cgroup").write_text("0::/vm1\n")
+    monkeypatch.setattr("builtins.open", fake_open)
+    (cg / "vm1" / "cpu.max").write_text("max 100000\n")
+    assert affinity.cpu_budget(str(cg)) == 4
+    (cg / "vm1" / "cpu.max").write_text("150000 100000\n")  # CPUQuota=150%
+    assert affinity.cpu_budget(str(cg)) == 2
+    (cg / "vm1" / "cpu.max").write_text("10000 100000\n")
+    assert affinity.cpu_budget(str(cg)) == 1
+    (cg / "vm1" / "cpu.max").unlink()  # no cpu controller here: the affinity decides
+    assert affinity.cpu_budget(str(cg)) == 4
+    monkeypatch.setattr(affinity.os, "sched_getaffinity", lambda _pid: {2})
+    assert affinity.cpu_budget(str(cg)) == 1

@@ -198,6 +198,9 @@ def test_unit_essentials():
     assert {"CAP_DAC_READ_SEARCH", "CAP_SETUID", "CAP_SETGID", "CAP_CHOWN", "CAP_FOWNER",
             "CAP_DAC_OVERRIDE", "CAP_FSETID"} <= caps
     assert "CAP_SYS_ADMIN" not in caps
+    # allow_devices: all is the default: PrivateDevices=yes would drop CAP_MKNOD and refuse
+    # mknod through the device cgroup.
+    assert "CAP_MKNOD" in caps and service["PrivateDevices"] == ["no"]
     assert "RestrictSUIDSGID" not in service  # the guest may create setuid files
     assert "AF_UNIX" in service["RestrictAddressFamilies"][0]
     assert "@mount" in service["SystemCallFilter"][0]
@@ -284,6 +287,14 @@ def test_every_deploy_file_is_covered():
     assert {str(p.relative_to(GRAFANA)) for p in GRAFANA.rglob("*") if p.is_file()} <= {
         "README.md", "vfsd-dashboard.json", "provisioning/dashboards.yaml",
         "provisioning/datasource.yaml"}
+
+
+def test_deploy_readme_lists_every_file():
+    text = (DEPLOY / "README.md").read_text()
+    for p in DEPLOY.iterdir():
+        if p.is_file() and p.name != "README.md":
+            assert f"| `{p.name}` |" in text, p.name
+    assert "coming later" not in text.lower()
 
 
 def test_paths_in_docs_exist():

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from vfsd.dispatch import control
-from vfsd.dispatch.channel import WorkerChannel
+from vfsd.dispatch.channel import CB_SWEEP, FORGET_CAPACITY, WorkerChannel
 from vfsd.dispatch.fh import fh_local, fh_owner, make_fh
 from vfsd.dispatch.ring import (
     RingFull,
@@ -139,3 +139,23 @@ def _readable(fd):
     import select
 
     return bool(select.select([fd], [], [], 0.01)[0])
+
+
+def test_forget_ring_overflow_asks_for_a_sweep():
+    """Freed nodeids reach the worker in order; what does not fit sets CB_SWEEP (the worker
+    then checks its whole cache): nothing is dropped silently."""
+    channel = WorkerChannel(0)
+    try:
+        channel.renew()
+        channel.forgotten([5, 6, 7])
+        assert channel.forgets.pop_all() == [5, 6, 7] and not channel.block[CB_SWEEP]
+        channel.forgotten(list(range(1, FORGET_CAPACITY)))
+        assert not channel.block[CB_SWEEP]
+        channel.forgotten([10**9, 10**9 + 1])  # one slot left: the second overflows
+        assert channel.block[CB_SWEEP] == 1
+        got = channel.forgets.pop_all()
+        assert len(got) == FORGET_CAPACITY and got[-1] == 10**9
+        channel.renew()
+        assert not channel.block[CB_SWEEP] and not len(channel.forgets)
+    finally:
+        channel.close()

@@ -205,6 +205,8 @@ def test_options_validate_and_map_cache_modes():
         FsOptions("/x", cache="sometimes")
     with pytest.raises(ValueError):
         FsOptions("")
+    with pytest.raises(ValueError, match="allow_devices"):
+        FsOptions("/x", allow_devices="some")
     assert FsOptions("/x", cache="never").timeout == 0
     assert FsOptions("/x", cache="never").file_open_flags == abi.FOPEN_DIRECT_IO
     assert FsOptions("/x").timeout == 1.0 and FsOptions("/x").file_open_flags == 0
@@ -212,4 +214,4 @@ def test_options_validate_and_map_cache_modes():
     assert FsOptions("/x", cache="always").dir_open_flags == abi.FOPEN_CACHE_DIR
     o = FsOptions("/x")
     assert (o.xattr, o.readonly, o.allow_devices, o.writeback, o.readdirplus) == (
-        False, False, False, False, True)
+        False, False, "all", False, True)

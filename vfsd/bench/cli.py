@@ -19,7 +19,7 @@ from typing import Any
 
 from vfsd.bench.daemons import DaemonSpec, find_virtiofsd
 from vfsd.bench.engine import BenchError
-from vfsd.bench.report import errors_text, table, to_json
+from vfsd.bench.report import errors_text, orphans_text, table, to_json
 from vfsd.bench.runner import BenchSession, Result, run_matrix, run_spawned, session_meta
 from vfsd.bench.workloads import WORKLOADS, MiB, Options
 
@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
     else:
         print(table(results))
+        orphans = orphans_text(results)
+        if orphans:
+            print("\nfds of deleted files held by the daemon (peak during the run):\n" + orphans)
         problems = errors_text(results)
         if problems:
             print("\nerrors (first of each run):\n" + problems)

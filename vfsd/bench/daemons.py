@@ -44,7 +44,8 @@ class DaemonSpec:
     @classmethod
     def parse(cls, text: str, *, workers: int = 1, thread_pool_size: int = 0,
               virtiofsd: str | None = None, vfsd_root: str | None = None) -> DaemonSpec:
-        """`vfsd`, `vfsd:N`, `virtiofsd`, `virtiofsd:N`."""
+        """`vfsd`, `vfsd:N`, `virtiofsd`, `virtiofsd:N`; `vfsd:0` is vfsd's own default
+        (`workers: 0`, one per CPU it may use)."""
         kind, _, n = text.partition(":")
         if kind not in KINDS:
             raise ValueError(f"--spawn {text}: daemon must be one of {', '.join(KINDS)}")
@@ -53,7 +54,7 @@ class DaemonSpec:
             threads = int(n) if n else default
         except ValueError:
             raise ValueError(f"--spawn {text}: {n!r} is not a number") from None
-        if threads < (1 if kind == "vfsd" else 0):
+        if threads < 0:
             raise ValueError(f"--spawn {text}: bad thread/worker count {threads}")
         if kind == "virtiofsd":
             return cls(kind, threads, binary=virtiofsd)

@@ -11,6 +11,8 @@ CONFIG_PROC_CHILDREN, which not every kernel has).
 from __future__ import annotations
 
 import os
+import threading
+import time
 from dataclasses import dataclass
 
 _TICK_NS = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
@@ -118,3 +120,58 @@ class CpuSampler:
             used = proc.cpu_ns - (start.cpu_ns if start is not None else 0)
             out.append((role(self.root, proc), pid, max(used, 0) / 1e9))
         return out
+
+
+# Deleted by design: memfds (guest RAM, lock files) and unlinked shared-memory segments.
+_NOT_ORPHANS = ("/memfd:", "/dev/shm/")
+
+
+def deleted_fds(pids: list[int]) -> int:
+    """How many open fds of `pids` name deleted files: each keeps its inode (and blocks) on
+    the host, and on ext4 every such orphan makes later creates slower."""
+    count = 0
+    for pid in pids:
+        base = f"/proc/{pid}/fd"
+        try:
+            names = os.listdir(base)
+        except OSError:
+            continue
+        for name in names:
+            try:
+                target = os.readlink(f"{base}/{name}")
+            except OSError:
+                continue
+            if target.endswith(" (deleted)") and not target.startswith(_NOT_ORPHANS):
+                count += 1
+    return count
+
+
+class OrphanWatch:
+    """Samples `deleted_fds` of a daemon tree every `interval` s while a run goes on; `peak`
+    is the largest count seen. Its own CPU time is kept apart (`cpu_s`), so the caller can
+    leave it out of the load generator's."""
+
+    def __init__(self, root: int, interval: float = 0.05) -> None:
+        self.root = root
+        self.interval = interval
+        self.peak = 0
+        self.samples = 0
+        self.cpu_s = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="orphan-watch", daemon=True)
+
+    def _run(self) -> None:
+        t0 = time.thread_time()
+        pids = descendants(self.root)
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, deleted_fds(pids))
+            self.samples += 1
+        self.cpu_s = time.thread_time() - t0
+
+    def __enter__(self) -> OrphanWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -62,5 +62,11 @@ def errors_text(results: Iterable[Result]) -> str:
     return "\n".join(out)
 
 
+def orphans_text(results: Iterable[Result]) -> str:
+    """Peak count of the daemon's fds of deleted files, for the runs that sampled it."""
+    return "\n".join(f"{r.daemon} {r.workload} QD{r.queue_depth}: {r.extra['deleted_fds_peak']}"
+                     for r in results if "deleted_fds_peak" in r.extra)
+
+
 def to_json(results: Iterable[Result], meta: list[dict[str, Any]]) -> str:
     return json.dumps({"meta": meta, "results": [r.to_dict() for r in results]}, indent=2)

@@ -15,7 +15,7 @@ from typing import Any
 
 from vfsd.bench.daemons import DaemonSpec, SpawnedDaemon
 from vfsd.bench.engine import Engine
-from vfsd.bench.procstat import CpuSampler
+from vfsd.bench.procstat import CpuSampler, OrphanWatch
 from vfsd.bench.workloads import WORKLOADS, Context, MiB, Options
 from vfsd.frontend.fuse_client import FuseClient, InitReply, VhostTransport, parse_init
 from vfsd.frontend.vhost_client import VhostUserClient
@@ -109,11 +109,16 @@ class BenchSession:
         wl.setup()
         in_data, out_body = wl.slot_sizes()
         slots = self.engine.make_slots(queue_depth, in_data=in_data, out_body=out_body)
+        watch = OrphanWatch(self.sampler.root) if self.sampler and wl.watch_orphans else None
         try:
             before = self.sampler.snapshot() if self.sampler else None
             g0 = time.process_time()
-            stats = self.engine.run(wl, slots, duration)
-            g1 = time.process_time()
+            if watch is not None:
+                with watch:
+                    stats = self.engine.run(wl, slots, duration)
+            else:
+                stats = self.engine.run(wl, slots, duration)
+            g1 = time.process_time() - (watch.cpu_s if watch is not None else 0.0)
             after = self.sampler.snapshot() if self.sampler else None
         finally:
             self.engine.free_slots(slots)
@@ -145,6 +150,7 @@ class BenchSession:
             daemon_cpu_by_process=by_process, generator_cpu_s=round(gen, 4),
             generator_cpu_us_per_op=per_op(gen), generator_cpu_util=round(gen / secs, 3),
             extra={**wl.extra(stats),
+                   **({"deleted_fds_peak": watch.peak} if watch is not None else {}),
                    "kicks_per_request": round(stats.kicks / (stats.requests or 1), 3),
                    "interrupts_per_request": round(stats.interrupts / (stats.requests or 1), 3)},
         )

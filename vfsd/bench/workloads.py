@@ -163,6 +163,8 @@ class Workload:
 
     name: ClassVar[str] = ""
     unit: ClassVar[str] = "op"
+    # Sample the daemon's fds of deleted files during the run (deleted_fds_peak).
+    watch_orphans: ClassVar[bool] = False
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -341,6 +343,7 @@ class Create(Workload):
 
     name = "create"
     unit = "cycle"
+    watch_orphans = True
 
     def setup(self) -> None:
         self.dir = ensure_dir(self.ctx.fuse, self.ctx.base, b"create")

@@ -2,7 +2,11 @@
 
 One `posix_ipc` shared-memory segment per worker holds
 
-    [request ring][completion ring][control block]
+    [request ring][completion ring][forget ring][control block]
+
+The forget ring carries the nodeids the supervisor freed while serving FORGET, so the worker
+closes their cached fds before its next request; when it is full the supervisor sets
+CB_SWEEP instead, and the worker checks its whole cache (nothing is dropped).
 
 The segment name is unlinked as soon as it is mapped: the worker is forked from the
 supervisor and inherits the mapping, so nothing is left in /dev/shm if either side dies.
@@ -22,6 +26,7 @@ from vfsd.dispatch import control
 from vfsd.dispatch.ring import SpscRing, ring_bytes
 
 RING_CAPACITY = 4096  # >= every head of every queue in flight at once (queues <= 1024 each)
+FORGET_CAPACITY = 4096
 CONTROL_BLOCK_BYTES = 4096
 
 # Control-block fields (u64 index).
@@ -29,6 +34,7 @@ CB_PID = 0
 CB_HEARTBEAT_NS = 1  # CLOCK_MONOTONIC of the worker's last loop turn
 CB_SERVED = 2  # requests completed since start
 CB_EPOCH = 3  # control epoch the worker has applied
+CB_SWEEP = 4  # set by the supervisor when the forget ring overflowed
 
 
 class WorkerChannel:
@@ -37,7 +43,8 @@ class WorkerChannel:
     def __init__(self, index: int, capacity: int = RING_CAPACITY) -> None:
         self.index = index
         rb = ring_bytes(capacity)
-        size = 2 * rb + CONTROL_BLOCK_BYTES
+        fb = ring_bytes(FORGET_CAPACITY)
+        size = 2 * rb + fb + CONTROL_BLOCK_BYTES
         name = f"/vfsd-{os.getpid()}-w{index}"
         shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, size=size)
         try:
@@ -48,7 +55,8 @@ class WorkerChannel:
         view = memoryview(self._map)
         self.requests = SpscRing(view[:rb], capacity)
         self.completions = SpscRing(view[rb : 2 * rb], capacity)
-        self.block = view[2 * rb : 2 * rb + CONTROL_BLOCK_BYTES].cast("Q")
+        self.forgets = SpscRing(view[2 * rb : 2 * rb + fb], FORGET_CAPACITY)
+        self.block = view[2 * rb + fb : size].cast("Q")
         self.doorbell = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.epoch = 0
         self.control: socket.socket | None = None  # supervisor end
@@ -56,13 +64,25 @@ class WorkerChannel:
 
     def renew(self) -> None:
         """Fresh rings and a fresh control socketpair for a (re)spawned worker."""
-        self.requests.reset()
-        self.completions.reset()
+        for ring in (self.requests, self.completions, self.forgets):
+            ring.reset()
         for i in range(len(self.block)):
             self.block[i] = 0
         self.close_control()
         self.control, self.worker_control = control.control_pair()
         self.epoch = 0
+
+    def forgotten(self, nodeids: list[int]) -> None:
+        """Tell the worker these nodeids were freed (supervisor side); a full ring asks for a
+        sweep instead. The caller wakes the worker."""
+        ring = self.forgets
+        room = ring.free_slots()
+        if len(nodeids) <= room:
+            ring.push(nodeids)
+            return
+        if room:
+            ring.push(nodeids[:room])
+        self.block[CB_SWEEP] = 1
 
     def send(self, message: dict, fds: list[int] | None = None) -> int:
         """Send a control message; returns the epoch requests must carry from now on."""
@@ -81,7 +101,7 @@ class WorkerChannel:
     def close(self) -> None:
         self.close_control()
         os.close(self.doorbell)
-        for ring in (self.requests, self.completions):
+        for ring in (self.requests, self.completions, self.forgets):
             ring._hdr.release()
             ring._slots.release()
         self.block.release()

@@ -19,7 +19,8 @@ MAX_FDS = 64
 
 # Message kinds.
 MEMORY = "memory"  # regions: [[gpa, size, va, mmap_offset], ...] + one fd per region
-VRING = "vring"  # queue, desc_gpa, size
+VRING = "vring"  # queue, desc_gpa, avail_gpa, used_gpa, size, event_idx (+ the call fd)
+CALL = "call"  # queue (+ the new call fd, or none): the guest's interrupt eventfd changed
 SESSION = "session"  # session: the negotiated FUSE session (after INIT)
 DESTROY = "destroy"  # drop every handle and cached inode
 STOP = "stop"  # finish the ring and exit

@@ -550,6 +550,14 @@ class VhostUserClient:
         payload = VringFile(index, fd is None, fd).pack()
         self._set(request, payload, [] if fd is None else [fd])
 
+    def replace_call_fd(self, index: int) -> None:
+        """SET_VRING_CALL with a fresh eventfd while the queue runs (QEMU does so when the
+        guest's interrupt routing changes); the old fd is closed, as QEMU may."""
+        new = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._set_vring_fd(R.SET_VRING_CALL, index, new)
+        os.close(self.call_fds[index])
+        self.call_fds[index] = new
+
     def _get_vring_base(self, index: int) -> int:
         body = self.request(R.GET_VRING_BASE, VringState(index, 0).pack(),
                             reply_size=VRING_STATE.size)

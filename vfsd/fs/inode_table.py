@@ -74,6 +74,7 @@ S_FREE, S_COUNT = _MUTEX_BYTES // 8, _MUTEX_BYTES // 8 + 1
 _ENTRY_Q = 24
 E_NODEID, E_GEN, E_NLOOKUP, E_DEV, E_INO, E_MNT, E_NEXT, E_HMETA, E_HANDLE = range(9)
 _SLOT_MASK = 0xFFFFFFFF
+MAX_CAPACITY = _SLOT_MASK - 1  # slot numbers are 32 bits of the nodeid
 _GEN_MAX = 0xFFFFFFFF
 #: Entry words 2..7 (nlookup, dev, ino, mnt, next, handle meta), written with one call while
 #: the entry is unpublished (its nodeid word is 0 or a stale reader's check rejects it).
@@ -202,7 +203,7 @@ class InodeTable:
     ) -> InodeTable:
         """Create a table (supervisor, before forking). The shm name is unlinked once mapped
         unless `unlink=False` (then tools can `attach` by name)."""
-        if not 2 <= capacity < _SLOT_MASK:
+        if not 2 <= capacity <= MAX_CAPACITY:
             raise ValueError("capacity out of range")
         if stripes & (stripes - 1) or not 1 <= stripes <= 4096:
             raise ValueError("stripes must be a power of two in 1..4096")
@@ -417,18 +418,18 @@ class InodeTable:
         finally:
             _mutex_unlock(addr)
 
-    def forget(self, nodeid: int, nlookup: int) -> None:
-        """nlookup -= n; free the entry at zero. Unknown/stale nodeids and the root are
-        ignored (FORGET has no reply to carry an error)."""
+    def forget(self, nodeid: int, nlookup: int) -> bool:
+        """nlookup -= n; free the entry at zero; True if this call freed it. Unknown/stale
+        nodeids and the root are ignored (FORGET has no reply to carry an error)."""
         if nodeid == ROOT_ID or nlookup <= 0:
-            return
+            return False
         slot = nodeid & _SLOT_MASK
         if not ROOT_SLOT < slot <= self.capacity:
-            return
+            return False
         q = self._q
         e = self._ebase + slot * _ENTRY_Q
         if q[e] != nodeid:
-            return
+            return False
         # The key is stable while the entry is live; if it is freed (and refilled) meanwhile
         # we may lock the wrong stripe, and the nodeid check under the lock says so.
         b = hash((q[e + E_DEV], q[e + E_INO], q[e + E_MNT])) & self._bmask
@@ -439,11 +440,11 @@ class InodeTable:
             _lock_failed(addr, err, f"stripe {stripe}")
         try:
             if q[e] != nodeid:  # freed (and maybe reused) before we got the lock
-                return
+                return False
             left = q[e + E_NLOOKUP] - nlookup
             if left > 0:
                 q[e + E_NLOOKUP] = left
-                return
+                return False
             link = self._bbase + b
             cur, hops = q[link], 0
             while cur != slot and cur and hops <= self.capacity:
@@ -459,6 +460,7 @@ class InodeTable:
             q[blk + S_FREE] = slot
             left = q[blk + S_COUNT]  # (never below 0, even if a dead holder skewed it)
             q[blk + S_COUNT] = left - 1 if left else 0
+            return True
         finally:
             _mutex_unlock(addr)
 

@@ -6,6 +6,7 @@ Names and defaults follow virtiofsd (`--cache`, `--xattr`, `--readonly`, `--writ
 
 from __future__ import annotations
 
+import stat
 from dataclasses import dataclass
 from typing import Literal
 
@@ -15,9 +16,11 @@ from vfsd.fuse.xattrmap import XattrMap
 
 CacheMode = Literal["never", "auto", "metadata", "always"]
 HandleMode = Literal["never", "prefer", "mandatory"]
+DeviceMode = Literal["all", "whiteouts", "none"]
 
 CACHE_MODES = ("never", "auto", "metadata", "always")
 HANDLE_MODES = ("never", "prefer", "mandatory")
+DEVICE_MODES = ("all", "whiteouts", "none")
 
 #: Entry/attribute validity (seconds) per cache mode, as virtiofsd: never 0, auto 1 s,
 #: metadata and always 1 day.
@@ -48,8 +51,10 @@ class FsOptions:
     #: with a create is stored as that xattr.
     security_label: bool = False
     readonly: bool = False
-    #: MKNOD of character/block devices; refused with EPERM unless set.
-    allow_devices: bool = False
+    #: Character/block device nodes the guest may create (MKNOD, RENAME_WHITEOUT): all (as
+    #: virtiofsd), whiteouts (only 0:0 character devices, overlayfs' whiteouts), none;
+    #: the others are refused with EPERM.
+    allow_devices: DeviceMode = "all"
     #: Offer WRITEBACK_CACHE (the guest kernel then owns size/mtime while writing).
     writeback: bool = False
     #: Pass the guest's O_DIRECT on to the host open (else stripped, as virtiofsd).
@@ -75,6 +80,8 @@ class FsOptions:
             raise ValueError(f"cache must be one of {'|'.join(CACHE_MODES)}, not {self.cache!r}")
         if self.inode_file_handles not in HANDLE_MODES:
             raise ValueError(f"inode_file_handles must be one of {'|'.join(HANDLE_MODES)}")
+        if self.allow_devices not in DEVICE_MODES:
+            raise ValueError(f"allow_devices must be one of {'|'.join(DEVICE_MODES)}")
         if not self.shared_dir:
             raise ValueError("shared_dir must be set")
         if self.xattrmap is not None:
@@ -95,6 +102,13 @@ class FsOptions:
     @property
     def dir_open_flags(self) -> int:
         return _DIR_FOPEN[self.cache]
+
+    def device_allowed(self, fmt: int, rdev: int) -> bool:
+        """The guest may create a device node of type `fmt` (S_IFCHR/S_IFBLK) and number
+        `rdev`; a 0:0 character device is a whiteout, which opens no device."""
+        if self.allow_devices == "all":
+            return True
+        return self.allow_devices == "whiteouts" and fmt == stat.S_IFCHR and rdev == 0
 
     @property
     def xattr_enabled(self) -> bool:

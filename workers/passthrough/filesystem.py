@@ -84,6 +84,11 @@ class FileSystem:
     def forget(self, nodeid: int, nlookup: int) -> None:
         raise _enosys()
 
+    def forgotten(self, nodeids: list[int]) -> int:
+        """Another process freed these nodeids: drop what is cached for them; returns how
+        many were."""
+        return 0
+
     def lookup(self, parent: int, name: bytes) -> Entry:
         raise _enosys()
 

@@ -329,7 +329,12 @@ class PassthroughFs(FileSystem):
         return self.inodes.sweep()
 
     def forget(self, nodeid: int, nlookup: int) -> None:
-        self.table.forget(nodeid, nlookup)
+        if self.table.forget(nodeid, nlookup):
+            self.inodes.drop([nodeid])
+
+    def forgotten(self, nodeids: list[int]) -> int:
+        """The supervisor freed these nodeids: close their cached fds now."""
+        return self.inodes.drop(nodeids)
 
     # ------------------------------------------------------------------ helpers
     def _entry_of(self, fd: int, parent: int | None = None,
@@ -558,9 +563,9 @@ class PassthroughFs(FileSystem):
             raise OSError(errno.EINVAL, "bad file type")
         dev = 0
         if fmt in (stat.S_IFCHR, stat.S_IFBLK):
-            if not self.options.allow_devices:
-                raise OSError(errno.EPERM, "device nodes not allowed")
             dev = _decode_dev(rdev)
+            if not self.options.device_allowed(fmt, dev):
+                raise OSError(errno.EPERM, "device node refused by allow_devices")
         pfd = self.inodes.fd(parent)
         with self._creds(ctx), self._umask(umask):
             os.mknod(name, fmt | self._create_perm(mode, umask), dev, dir_fd=pfd)
@@ -637,6 +642,8 @@ class PassthroughFs(FileSystem):
         # the host kernel checks the flag combinations.
         if flags & ~(abi.RENAME_NOREPLACE | abi.RENAME_EXCHANGE | abi.RENAME_WHITEOUT):
             raise OSError(errno.EINVAL, "unsupported rename flags")
+        if flags & abi.RENAME_WHITEOUT and not self.options.device_allowed(stat.S_IFCHR, 0):
+            raise OSError(errno.EPERM, "whiteout refused by allow_devices")
         ofd = self.inodes.fd(olddir)
         nfd = self.inodes.fd(newdir)
         if flags:

@@ -2,8 +2,10 @@
 
 The shared table says which nodeids are live; a cached fd is used only while its nodeid is
 still live (the nodeid carries the slot generation, so a freed and reused slot never matches).
-A miss reopens the inode from its file handle. Bounded LRU; `sweep()` closes fds of forgotten
-nodeids so the host can release deleted files.
+A miss reopens the inode from its file handle. Bounded LRU. A forgotten nodeid's fd must close
+at once: while it is open the host keeps a deleted file, and on ext4 every such orphan slows
+later creates. The supervisor, which serves FORGET, tells each worker the nodeids it freed
+(`drop`); `sweep()` is the slow path that checks every cached nodeid against the table.
 
 Inodes without a file handle (inode_file_handles: never, or a file system without handles
 in single-worker mode) are *pinned*: their O_PATH fd is the only way back to them, so it is
@@ -81,6 +83,21 @@ class InodeCache:
             _, victim = self._fds.popitem(last=False)
             os.close(victim)
         return fd
+
+    def drop(self, nodeids: list[int]) -> int:
+        """Close the fds of freed nodeids (a freed nodeid never comes back: the slot's
+        generation is in it); returns how many were cached."""
+        closed = 0
+        fds, pinned = self._fds, self._pinned
+        for n in nodeids:
+            fd = fds.pop(n, None)
+            if fd is None:
+                fd = pinned.pop(n, None)
+                if fd is None:
+                    continue
+            os.close(fd)
+            closed += 1
+        return closed
 
     def sweep(self) -> int:
         """Close fds whose nodeid was forgotten; returns how many."""
