@@ -14,9 +14,10 @@ to other processes is left out) over `repeats` runs of `n` ops, then the minimum
 median wall time. LOOKUP rows: "live" looks up names whose entries stay live (a revalidation,
 a hard link: find + nlookup += 1); "new" looks up names whose previous entry was forgotten
 (the `vfsd bench` lookup workload's pattern: allocate an entry), with the forgets, and
-the closing of the forgotten inodes' cached fds, done outside the timed part. CREATE rows are CREATE + RELEASE + UNLINK of a fresh name (the
-bench's cycle without the FORGET, which is the `table.forget ... frees` row), on
-`--create-dir` (tmpfs by default, so the file system's own cost does not drown the daemon's).
+the closing of the forgotten inodes' cached fds, done outside the timed part. CREATE rows
+are CREATE + RELEASE + UNLINK of a fresh name (the bench's cycle without the FORGET, which
+is the `table.forget ... frees` row), on `--create-dir` (tmpfs by default, so the file
+system's own cost does not drown the daemon's).
 """
 
 from __future__ import annotations
