@@ -17,6 +17,7 @@ from tests.daemon.conftest import Session, connect
 from tests.daemon_proc import Daemon
 from tests.unit.fusereq import build
 from vfsd import status
+from vfsd.dispatch.used import OWNER_OFFSET
 from vfsd.frontend.fuse_client import IN_SIZE, OUT_SIZE
 from vfsd.fuse import abi
 from vfsd.fuse.abi import Opcode
@@ -41,7 +42,7 @@ def used_lock_owner(daemon: Daemon, pid: int) -> int:
     with open(f"/proc/{pid}/maps") as maps:
         start = next(int(line.split("-")[0], 16) for line in maps if name in line)
     with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
-        mem.seek(start)
+        mem.seek(start + OWNER_OFFSET)
         return struct.unpack("<I", mem.read(4))[0]
 
 

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from vfsd import robust
 from vfsd.fs.inode_table import (
     _ENTRY_Q,
     _STRIPE_Q,
@@ -18,8 +19,6 @@ from vfsd.fs.inode_table import (
     S_FREE,
     FileHandle,
     InodeTable,
-    _mutex_trylock,
-    _mutex_unlock,
 )
 
 ROOT_KEY = (1, 2, 3)
@@ -259,7 +258,7 @@ def test_killed_lock_holder_does_not_deadlock(table):
     pid = run_child(hold)
     assert os.read(r, 6) == b"locked"
     # While the child lives the stripe really is taken (a try-lock fails)...
-    assert _mutex_trylock(table._locks[stripe]) == errno.EBUSY
+    assert robust.trylock(table._locks[stripe]) == errno.EBUSY
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     # ...and the kernel marked it as its holder's death (robust mutex): the next locker
@@ -271,8 +270,8 @@ def test_killed_lock_holder_does_not_deadlock(table):
     finally:
         signal.alarm(0)
     assert table.get(n).nlookup == 2
-    assert _mutex_trylock(table._locks[stripe]) == 0  # consistent again, and free
-    _mutex_unlock(table._locks[stripe])
+    assert robust.trylock(table._locks[stripe]) == 0  # consistent again, and free
+    robust.unlock(table._locks[stripe])
     os.close(r)
     os.close(w)
 
@@ -282,7 +281,7 @@ def test_locks_are_shared_between_processes(table):
 
     def child():
         # The parent holds stripe 0 through the inherited mapping: so do we not.
-        os.write(w, b"b" if _mutex_trylock(table._locks[0]) == errno.EBUSY else b"x")
+        os.write(w, b"b" if robust.trylock(table._locks[0]) == errno.EBUSY else b"x")
 
     table._lock(0)
     try:

@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from vfsd import robust
 from vfsd.dispatch.used import SUPERVISOR, UsedLock, UsedRing
 from vfsd.transport.memory import GuestMemory, MemRegion
 from vfsd.transport.virtqueue import vring_need_event
@@ -107,7 +108,7 @@ def test_every_head_once_from_four_concurrent_writers(guest, lock):
     elems = guest.mem.view(USED + 4, 8 * SIZE).cast("Q")
     assert all(e >> 32 == (e & 0xFFFFFFFF) + 7 for e in elems)  # lengths travel with heads
     assert not any(lock.pending[h] for h in range(SIZE))
-    assert lock.owner == 0 and lock.acquire(SUPERVISOR, 0.1)
+    assert lock.owner == 0
 
 
 def test_a_head_is_returned_once_whoever_tries(guest, lock):
@@ -169,17 +170,22 @@ def test_no_interrupt_flag_without_event_idx(guest, lock):
     assert signals(call) == 1
 
 
-@pytest.mark.parametrize("state", ["published", "journaled", "unjournaled"])
-def test_repair_after_a_holder_died_inside(guest, lock, state):
-    """A process SIGKILLed while it holds the semaphore, its two elements written:
-    `repair` releases the semaphore; a journaled update is finished (published, pending
-    words cleared) whether or not the dead holder got to publish it; an unjournaled one
-    stays unpublished and pending, for the supervisor to answer in the dead one's name."""
+@pytest.mark.parametrize("state", ["published", "journaled", "unjournaled", "unrecorded"])
+def test_a_holder_killed_inside_is_recovered_by_the_next_locker(guest, lock, state):
+    """A process SIGKILLed while it holds the lock, at each step of an update: the next
+    locker (here the supervisor's `recover`) gets the lock back (robust mutex) and finishes
+    a journaled update (published, pending words cleared) whether or not the dead holder got
+    to publish it; an unjournaled one stays unpublished and pending, for the supervisor to
+    answer in the dead one's name. "unrecorded": killed between taking the lock and writing
+    the owner word (which a semaphore could not tell from a live holder)."""
     for h in (3, 4):
         lock.pending[h] = 1
     pid = os.fork()
     if pid == 0:
-        lock.acquire(1)
+        if state == "unrecorded":
+            robust.lock(lock.mutex)
+            os.kill(os.getpid(), signal.SIGKILL)
+        lock.acquire(1, None)
         elems = guest.mem.view(USED + 4, 16).cast("Q")
         elems[0], elems[1] = 3 | 16 << 32, 4 | 16 << 32
         if state != "unjournaled":
@@ -191,16 +197,25 @@ def test_repair_after_a_holder_died_inside(guest, lock, state):
         os.kill(os.getpid(), signal.SIGKILL)
     os.waitpid(pid, 0)
     sup, call = guest.writer(lock, SUPERVISOR)
-    assert lock.owner == 1 and not lock.acquire(SUPERVISOR, 0.05)
-    assert not lock.repair(2, sup)  # not the holder: nothing to do
-    assert lock.repair(1, sup)
+    sup.recover()
     assert lock.owner == 0
-    if state == "unjournaled":
+    if state in ("unjournaled", "unrecorded"):
         assert guest.used_idx() == 0 and [lock.pending[3], lock.pending[4]] == [1, 1]
         assert sup.complete([3, 4], [3, 4], 1) == 2  # EIO in the dead worker's name
     assert [lock.pending[3], lock.pending[4]] == [0, 0]
     assert guest.used_idx() == 2 and sorted(guest.used_heads(2)) == [3, 4]
     assert signals(call) >= 1  # the guest hears of the entries
+
+
+def test_a_dead_holder_never_blocks_the_next_writer(guest, lock):
+    pid = os.fork()
+    if pid == 0:
+        lock.acquire(1, None)
+        os.kill(os.getpid(), signal.SIGKILL)
+    os.waitpid(pid, 0)
+    sup, _ = guest.writer(lock, SUPERVISOR)
+    assert sup.complete([7], [7], 0) == 1
+    assert lock.owner == 0
 
 
 def test_nothing_of_a_head_is_touched_after_publishing(guest, lock):

@@ -7,24 +7,26 @@ requests it answers itself (INIT, DESTROY, errors, a dead worker's requests).
 
 What the writers share (`UsedLock`, created before the workers are forked, one per queue):
 
-* a `posix_ipc` semaphore, held around every update of the ring;
-* `owner`: who holds the semaphore (a worker's index + 1, or SUPERVISOR). A posix
-  semaphore is not released when its holder dies: the supervisor repairs it (`repair`) once
-  it has reaped the dead holder;
-* a journal (`start`, `count`), written once the elements are in place: a repair finishes
-  the publication of a journaled update whose holder died;
+* a robust, process-shared mutex (`vfsd/robust.py`), held around every update of the ring.
+  When its holder dies (SIGKILL at any instant), the next locker is told so (EOWNERDEAD)
+  and finishes the dead holder's update from the journal before going on;
+* `owner`: who holds the mutex (a worker's index + 1, or SUPERVISOR), for diagnostics and
+  to name the dead holder's pending words;
+* a journal (`start`, `count`), written once the elements are in place: whoever recovers
+  the mutex finishes the publication of a journaled update;
 * `signalled_used` (+ valid), the EVENT_IDX state of the last interrupt decision;
 * `call_gen`, bumped when the call fd changes: a writer re-reads its control channel before
   it signals with a stale fd;
 * `pending[head]`: who may complete `head` (worker index + 1; 0 = the supervisor or
   nobody). The supervisor sets it when it routes the head; the completer checks and clears it
-  under the semaphore, so a head reaches the used ring exactly once.
+  under the lock, so a head reaches the used ring exactly once.
 
 Every field another process reads concurrently is one aligned store (memoryview casts).
 """
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 from array import array
@@ -32,16 +34,20 @@ from collections.abc import Callable
 
 import posix_ipc
 
+from vfsd import robust
 from vfsd.fence import full_fence
 from vfsd.transport.abi import MAX_QUEUE_SIZE, VRING_AVAIL_F_NO_INTERRUPT, used_ring_size
 from vfsd.transport.memory import GuestMemory
 from vfsd.transport.virtqueue import vring_need_event
 
+log = logging.getLogger("vfsd.used")
+
 SUPERVISOR = 0xFFFF  # the `owner` value of the supervisor (workers are index + 1)
-STUCK_AFTER = 0.2  # s the supervisor waits for the semaphore before checking its holder
-# u32 header words
+# u32 words after the mutex
 _OWNER, _START, _COUNT, _SIGNALLED, _SIGNALLED_VALID, _CALL_GEN = range(6)
-_HEADER = 64
+_WORDS = 64  # byte offset of the words (the mutex comes first)
+OWNER_OFFSET = _WORDS + 4 * _OWNER  # where a debugger (or a test) finds the owner word
+_HEADER = 128
 _SIZE = _HEADER + 2 * MAX_QUEUE_SIZE
 
 
@@ -50,17 +56,17 @@ class UsedLock:
 
     def __init__(self, queue: int) -> None:
         self.queue = queue
-        name = f"/vfsd-{os.getpid()}-used{queue}"
-        self.sem = posix_ipc.Semaphore(name, posix_ipc.O_CREX, initial_value=1)
-        self.sem.unlink()  # forked workers inherit the mapping; nothing is left behind
-        shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, size=_SIZE)
+        shm = posix_ipc.SharedMemory(f"/vfsd-{os.getpid()}-used{queue}", posix_ipc.O_CREX,
+                                     size=_SIZE)
         try:
             self._map = mmap.mmap(shm.fd, _SIZE)
         finally:
             shm.close_fd()
-            shm.unlink()
+            shm.unlink()  # forked workers inherit the mapping; nothing is left behind
+        self.mutex = robust.address(self._map, 0)
+        robust.init(self.mutex)
         view = memoryview(self._map)
-        self.words = view[:_HEADER].cast("I")
+        self.words = view[_WORDS:_HEADER].cast("I")
         self.pending = view[_HEADER:_SIZE].cast("H")
 
     def reset(self) -> None:
@@ -79,43 +85,41 @@ class UsedLock:
         """After the new call fd was sent to every worker (supervisor only)."""
         self.words[_CALL_GEN] = (self.words[_CALL_GEN] + 1) & 0xFFFFFFFF
 
-    def acquire(self, owner: int, timeout: float | None = None) -> bool:
-        try:
-            self.sem.acquire(timeout)
-        except posix_ipc.BusyError:
-            return False
+    def acquire(self, owner: int, used: UsedRing | None) -> None:
+        """Take the mutex for `owner`; if its holder died, finish the holder's update first
+        (through `used`, this process's view of the ring)."""
+        err = robust.lock(self.mutex)
+        if err and robust.check(self.mutex, err, f"queue {self.queue} used ring"):
+            self._finish(used)
+            robust.consistent(self.mutex)
         self.words[_OWNER] = owner
-        return True
 
     def release(self) -> None:
         self.words[_OWNER] = 0
-        self.sem.release()
+        robust.unlock(self.mutex)
 
-    def repair(self, dead_owner: int, used: UsedRing | None) -> bool:
-        """Release the semaphore if `dead_owner` (reaped: it can run no more) held it.
-        A journaled update is finished (its elements were in place): pending words cleared,
-        used.idx published. Anything not journaled was not published and stays pending, for
-        the caller to answer. Interrupts the guest through `used` (the dead holder may not
-        have). True if there was anything to repair."""
+    def _finish(self, used: UsedRing | None) -> None:
+        """The holder died inside. A journaled update had its elements in place: clear its
+        pending words and publish it. Anything not journaled was not published and stays
+        pending (the supervisor answers it for the dead worker). The EVENT_IDX state may
+        lag, so the next decision interrupts; and the guest is interrupted now (the dead
+        holder may not have)."""
         words = self.words
-        if words[_OWNER] != dead_owner:
-            return False
+        dead = words[_OWNER]
         count = words[_COUNT]
         if count and used is not None and used.mapped:
             start = words[_START]
             for head in used.heads(start, count):
-                if self.pending[head] == dead_owner:
+                if self.pending[head] == dead:
                     self.pending[head] = 0
             if used.used_idx() == start:  # not published yet
                 used.publish((start + count) & 0xFFFF)
         words[_COUNT] = 0
-        # Nothing more to keep consistent: a published entry is complete, an unpublished
-        # one does not exist. The EVENT_IDX state may lag, so force the next interrupt.
         words[_SIGNALLED_VALID] = 0
-        self.release()
+        log.warning("queue %d: a process (owner %d) died holding the used-ring lock; its "
+                    "update was %s", self.queue, dead, "finished" if count else "not begun")
         if used is not None:
             used.signal()
-        return True
 
     def close(self) -> None:
         self.words.release()
@@ -124,7 +128,6 @@ class UsedLock:
             self._map.close()
         except BufferError:
             pass
-        self.sem.close()
 
 
 class UsedRing:
@@ -132,7 +135,7 @@ class UsedRing:
     own dup of the call fd, the shared `UsedLock`."""
 
     __slots__ = ("_avail", "_elems", "_mask", "_used", "_used_event_at", "call_fd",
-                 "call_gen_seen", "event_idx", "lock", "me", "refresh", "size", "stuck")
+                 "call_gen_seen", "event_idx", "lock", "me", "refresh", "size")
 
     def __init__(self, lock: UsedLock, me: int) -> None:
         self.lock = lock
@@ -141,8 +144,6 @@ class UsedRing:
         self.call_gen_seen = lock.call_gen
         # Worker: re-reads the control channel when `call_gen` moved (a new call fd).
         self.refresh: Callable[[], None] | None = None
-        # Supervisor: called while the semaphore stays taken (its holder may be dead).
-        self.stuck: Callable[[int], None] | None = None
         self.event_idx = False
         self.size = 0
         self._mask = 0
@@ -203,11 +204,7 @@ class UsedRing:
         lock = self.lock
         pending = lock.pending
         want = self.me if owner is None else owner
-        if self.stuck is None:
-            lock.acquire(self.me)
-        else:
-            while not lock.acquire(self.me, STUCK_AFTER):
-                self.stuck(lock.owner)
+        lock.acquire(self.me, self)
         try:
             if any(pending[h] != want for h in heads):
                 keep = [i for i, h in enumerate(heads) if pending[h] == want]
@@ -257,6 +254,12 @@ class UsedRing:
     def signal(self) -> None:
         if self.call_fd is not None:
             os.eventfd_write(self.call_fd, 1)
+
+    def recover(self) -> None:
+        """Take and release the lock: if a dead process held it, its update is finished
+        now (the supervisor, after a worker died)."""
+        self.lock.acquire(self.me, self)
+        self.lock.release()
 
     def close(self) -> None:
         self.unmap()

@@ -57,6 +57,8 @@ from typing import NamedTuple
 
 import posix_ipc
 
+from vfsd import robust
+
 log = logging.getLogger("vfsd.fs.inodes")
 
 MAGIC = 0x544E4932_64736676  # b"vfsd2INT" little-endian (1: OFD stripe locks in a lock file)
@@ -69,7 +71,7 @@ DEFAULT_STRIPES = 64
 _HDR_Q = 8
 H_MAGIC, H_CAPACITY, H_NBUCKETS, H_NSTRIPES, H_FREE, H_NEXT_UNUSED = range(6)
 _STRIPE_Q = 8
-_MUTEX_BYTES = 48  # room for a pthread_mutex_t at the start of each stripe block
+_MUTEX_BYTES = robust.MUTEX_BYTES  # a pthread_mutex_t at the start of each stripe block
 S_FREE, S_COUNT = _MUTEX_BYTES // 8, _MUTEX_BYTES // 8 + 1
 _ENTRY_Q = 24
 E_NODEID, E_GEN, E_NLOOKUP, E_DEV, E_INO, E_MNT, E_NEXT, E_HMETA, E_HANDLE = range(9)
@@ -80,47 +82,15 @@ _GEN_MAX = 0xFFFFFFFF
 #: the entry is unpublished (its nodeid word is 0 or a stale reader's check rejects it).
 _FILL = struct.Struct("=6Q")
 
-# ---------------------------------------------------------------- robust mutexes (libc)
-_libc = ctypes.CDLL(None, use_errno=True)
-_PROTO = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
-_mutex_lock = _PROTO(("pthread_mutex_lock", _libc))
-_mutex_trylock = _PROTO(("pthread_mutex_trylock", _libc))
-_mutex_unlock = _PROTO(("pthread_mutex_unlock", _libc))
-_mutex_consistent = _PROTO(("pthread_mutex_consistent", _libc))
-_mutex_init = _libc.pthread_mutex_init
-_mutex_init.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-_PTHREAD_PROCESS_SHARED = 1
-_PTHREAD_MUTEX_ROBUST = 1
-_PTHREAD_MUTEX_ERRORCHECK = 2  # relocking by the holder is EDEADLK (a bug), not a hang
-
-
-def _init_mutex(addr: int) -> None:
-    attr = ctypes.create_string_buffer(64)  # pthread_mutexattr_t is 4 bytes in glibc
-    for call, *args in (
-        (_libc.pthread_mutexattr_init,),
-        (_libc.pthread_mutexattr_setpshared, _PTHREAD_PROCESS_SHARED),
-        (_libc.pthread_mutexattr_setrobust, _PTHREAD_MUTEX_ROBUST),
-        (_libc.pthread_mutexattr_settype, _PTHREAD_MUTEX_ERRORCHECK),
-    ):
-        err = call(attr, *args)
-        if err:
-            raise OSError(err, f"{call.__name__}: {errno.errorcode.get(err, err)}")
-    err = _mutex_init(addr, attr)
-    _libc.pthread_mutexattr_destroy(attr)
-    if err:
-        raise OSError(err, f"pthread_mutex_init: {errno.errorcode.get(err, err)}")
+_mutex_lock, _mutex_unlock = robust.lock, robust.unlock
 
 
 def _lock_failed(addr: int, err: int, what: str) -> None:
     """`pthread_mutex_lock` returned `err` (not 0): recover a dead holder's lock, or raise."""
-    if err != errno.EOWNERDEAD:
-        raise OSError(err, f"inode table {what} lock: {errno.errorcode.get(err, err)}")
+    robust.check(addr, err, f"inode table {what}")
     # The holder died inside its critical section. Each change is one store, so the
     # structure is intact; at worst a slot leaked or the count is off by one.
-    err = _mutex_consistent(addr)
-    if err:
-        _mutex_unlock(addr)
-        raise OSError(err, f"pthread_mutex_consistent: {errno.errorcode.get(err, err)}")
+    robust.consistent(addr)
     log.warning("inode table: a process died holding the %s lock; recovered it", what)
 
 
@@ -227,7 +197,7 @@ class InodeTable:
         base = ctypes.addressof(view)
         try:
             for i in range(stripes + 1):
-                _init_mutex(base + 8 * (_HDR_Q + i * _STRIPE_Q))
+                robust.init(base + 8 * (_HDR_Q + i * _STRIPE_Q))
         finally:
             del view
         q[H_MAGIC] = MAGIC

@@ -96,8 +96,7 @@ class Supervisor(Device, Routing, Completion, Hiprio, SessionBarriers, Recovery,
         self.table = InodeTable.create(self.settings.inode_capacity)
         for queue in range(HIPRIO + 1, HIPRIO + 1 + self.settings.num_queues):
             lock = self.used_locks[queue] = UsedLock(queue)
-            writer = self.used[queue] = UsedRing(lock, SUPERVISOR)
-            writer.stuck = self.unstick
+            self.used[queue] = UsedRing(lock, SUPERVISOR)
         workers = self.settings.worker_count
         self.book = MetricsBook(workers)
         self.pool = WorkerPool(workers, self.table, self.options, self.completion_doorbell,

@@ -76,21 +76,11 @@ class Completion(SupervisorState):
                 for r in records:
                     pop((r & 0xFFFF) << 16 | r >> 16 & 0xFFFF, None)
 
-    def unstick(self, owner: int) -> None:
-        """The supervisor waited for a used-ring semaphore: if its holder died (and so
-        cannot release it), repair it now rather than when its sentinel is seen."""
-        assert self.pool is not None
-        if not 0 < owner <= len(self.pool.slots):
-            return
-        process = self.pool.slots[owner - 1].process
-        if process is not None and not process.is_alive():
-            self.repair_used(owner)
-
-    def repair_used(self, owner: int) -> None:
-        for queue, lock in self.used_locks.items():
-            if lock.repair(owner, self.used[queue]):
-                log.warning("worker %d died holding the used-ring lock of queue %d; repaired",
-                            owner - 1, queue)
+    def recover_used(self) -> None:
+        """After a worker died: a used-ring lock it held is recovered and its journaled
+        update finished (robust mutex), before its requests are answered or replayed."""
+        for writer in self.used.values():
+            writer.recover()
 
     def quiesce(self, selects) -> None:
         """Wait until no in-flight request matches `selects(queue << 16 | head)`. A worker

@@ -35,7 +35,7 @@ class Recovery(SupervisorState):
             self.pool.reap(slot)
         # It can run no more: a used-ring lock it held is released, its published entries
         # kept; what it returned to the guest before dying leaves the in-flight table.
-        self.repair_used(slot.index + 1)
+        self.recover_used()
         self.drain_completions()
         self._forget_answered(slot)
         replay = self._take_replayable(slot)
