@@ -344,7 +344,6 @@ def run(spec: WorkerSpec) -> None:
             pass
     spec.channel.control = None
     try:
-        spec.table.open_locks()
         fs = PassthroughFs(spec.options, spec.table, spec.index, spec.incarnation)
     except OSError as e:
         log.error("worker %d cannot start: %s", spec.index, e)

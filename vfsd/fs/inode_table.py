@@ -214,10 +214,6 @@ class InodeTable:
             shm.close_fd()
         return cls(mapping, name)
 
-    def open_locks(self) -> None:
-        """Nothing to do: the locks live in the segment (kept for callers of the OFD era,
-        which had to open a lock file per process)."""
-
     def close(self) -> None:
         self._locks = []  # a use after close fails here, never on unmapped memory
         self._q.release()
