@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
+import reprlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +31,16 @@ class ConfigError(Exception):
     """A setting is unknown, of the wrong type or out of range."""
 
 
+#: Nesting a settings file may use (it needs 2): PyYAML composes recursively, and a deeply
+#: nested file would otherwise end in RecursionError.
+MAX_DEPTH = 32
+_INT = re.compile(r"-?[0-9]{1,19}")  # an int as the command line spells it (ASCII digits)
+# Values in error messages are shortened: an alias bomb's repr would be gigabytes.
+_SHOW = reprlib.Repr()
+_SHOW.maxlevel, _SHOW.maxstring, _SHOW.maxother = 2, 80, 80
+_SHOW.maxlist = _SHOW.maxtuple = _SHOW.maxdict = _SHOW.maxset = 4
+
+
 @dataclass(frozen=True, slots=True)
 class Setting:
     key: str
@@ -37,6 +49,10 @@ class Setting:
     help: str
     choices: tuple[str, ...] = ()
     check: Callable[[Any], str | None] | None = None  # returns a reason if invalid
+
+
+def _nonempty(v: str) -> str | None:
+    return None if v else "must not be empty"
 
 
 def _positive(v: int) -> str | None:
@@ -76,7 +92,8 @@ def _cpulist(v: str) -> str | None:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("shared_dir", str, None, "Host directory exported to the guest (required)."),
+    Setting("shared_dir", str, None, "Host directory exported to the guest (required).",
+            check=_nonempty),
     Setting("socket_path", str, None, "vhost-user Unix socket vfsd listens on (QEMU connects)."),
     Setting("socket_fd", int, None, "Already-listening socket fd inherited from the caller."),
     Setting("workers", int, 0, "Worker processes; 0 = one per CPU.", check=lambda v: None
@@ -213,7 +230,7 @@ def check_value(key: str, value: Any, where: str = "") -> Any:
         raise ConfigError(f"{where}unknown setting '{key}'")
     if value is None:
         return None
-    if setting.kind is int and isinstance(value, str) and value.lstrip("-").isdigit():
+    if setting.kind is int and isinstance(value, str) and _INT.fullmatch(value):
         value = int(value)
     if setting.kind is tuple:
         if isinstance(value, str):
@@ -221,7 +238,8 @@ def check_value(key: str, value: Any, where: str = "") -> Any:
         elif isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
             value = tuple(value)
         else:
-            raise ConfigError(f"{prefix}expected a string or a list of strings, got {value!r}")
+            raise ConfigError(f"{prefix}expected a string or a list of strings, "
+                              f"got {_SHOW.repr(value)}")
     if setting.kind is bool and isinstance(value, str):
         lowered = value.lower()
         if lowered in ("true", "yes", "on", "1"):
@@ -230,23 +248,49 @@ def check_value(key: str, value: Any, where: str = "") -> Any:
             value = False
     if not isinstance(value, setting.kind) or (setting.kind is int and isinstance(value, bool)):
         kind = "list" if setting.kind is tuple else setting.kind.__name__
-        raise ConfigError(f"{prefix}expected {kind}, got {value!r}")
+        raise ConfigError(f"{prefix}expected {kind}, got {_SHOW.repr(value)}")
     if setting.choices and value not in setting.choices:
-        raise ConfigError(f"{prefix}must be one of {', '.join(setting.choices)}, got {value!r}")
+        raise ConfigError(f"{prefix}must be one of {', '.join(setting.choices)}, "
+                          f"got {_SHOW.repr(value)}")
     if setting.check and (reason := setting.check(value)):
         raise ConfigError(f"{prefix}{reason}")
     return value
 
 
-def load_yaml(path: str) -> dict[str, Any]:
-    """Read a YAML settings file; every error names file, line and key."""
+def _compose(path: str) -> yaml.Node | None:
+    """The file's node tree, after checking on the parser's events that it nests at most
+    MAX_DEPTH levels and has no tags: settings are plain values, and PyYAML's constructors
+    fail in their own ways on a value that does not fit its tag (`!!int ''` IndexError,
+    `!!bool x` KeyError, ...); untagged values only get the tags their text matches."""
     try:
         with open(path, encoding="utf-8") as f:
-            root = yaml.compose(f)
+            text = f.read()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text: {e}") from e
+    try:
+        depth = 0
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.NodeEvent) and getattr(event, "tag", None) not in (
+                    None, "!"):
+                raise ConfigError(f"{path}:{event.start_mark.line + 1}: YAML tags such as "
+                                  f"{event.tag!r} are not allowed in a settings file")
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise ConfigError(f"{path}:{event.start_mark.line + 1}: nested deeper "
+                                      f"than {MAX_DEPTH} levels")
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+        return yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from e
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    """Read a YAML settings file; every error names file, line and key."""
+    root = _compose(path)
     if root is None:
         return {}
     if not isinstance(root, yaml.MappingNode):
@@ -254,11 +298,16 @@ def load_yaml(path: str) -> dict[str, Any]:
     values: dict[str, Any] = {}
     loader = yaml.SafeLoader("")
     for key_node, value_node in root.value:
-        key = key_node.value
         where = f"{path}:{key_node.start_mark.line + 1}: "
+        if not isinstance(key_node, yaml.ScalarNode):
+            raise ConfigError(f"{where}a key must be a setting name, not a {key_node.id}")
+        key = key_node.value
         if key in values:
             raise ConfigError(f"{where}{key}: set twice")
-        value = loader.construct_object(value_node, deep=True)
+        try:
+            value = loader.construct_object(value_node, deep=True)
+        except (yaml.YAMLError, ValueError) as e:  # ValueError: a date such as 2024-13-01
+            raise ConfigError(f"{where}{key}: invalid value: {e}") from e
         values[key] = check_value(key, value, where)
     return values
 
