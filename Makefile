@@ -42,7 +42,7 @@ fuzz:
 			-print_final_stats=1 -artifact_prefix=.cache/fuzz/crashes/$$t- $(FUZZ_ARGS) \
 			.cache/fuzz/corpus/$$t tests/fuzz/corpus/$$t > .cache/fuzz/$$t.log 2>&1 \
 			|| { tail -n 60 .cache/fuzz/$$t.log; exit 1; }; \
-		grep -E '^#[0-9]+ +DONE|^stat::(number_of_executed_units|average_exec_per_sec)' \
+		grep -E '^#[0-9]+[[:space:]]+DONE|^stat::(number_of_executed_units|average_exec_per_sec)' \
 			.cache/fuzz/$$t.log; \
 	done
 

@@ -7,6 +7,7 @@ is imported, so the target module must be the first to import it.
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 
 TARGETS = ("vhost_codec", "vhost_backend", "guest_memory", "desc_chain", "fuse_decode",
@@ -23,6 +24,10 @@ def main() -> None:
     name = sys.argv[1]
     with atheris.instrument_imports(include=[*_INSTRUMENT, *_EXTRA.get(name, ())]):
         target = importlib.import_module(f"tests.fuzz.fuzz_{name}")
+    # The code under test logs every refusal; printing them would cost more than the run.
+    # (Targets that read logs, fuse_*, attach their own handler to their logger.)
+    logging.getLogger("vfsd").addHandler(logging.NullHandler())
+    logging.getLogger("vfsd").propagate = False
     prepare = getattr(target, "prepare", None)
     if prepare is not None:
         prepare()
