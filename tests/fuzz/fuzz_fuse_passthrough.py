@@ -134,16 +134,17 @@ def _remember(opcode: int, writable: list[memoryview], n: int, nodeids: list[int
 
 
 def _finish_deferred(server: FuseServer) -> None:
-    """Cancel waiting SETLKWs; each must then be answered (collect) within a second."""
+    """Cancel waiting SETLKWs; each must then be answered (collect) within a second, with
+    a header-only reply when its writable part has room for one (the token)."""
     if not server.deferred:
         return
     server.cancel_deferred()
     deadline = time.monotonic() + 1.0
     while server.deferred:
         server.tick()
-        for _token, written in server.collect():
-            if written < 16:
-                raise Broken(f"a cancelled SETLKW answered {written} bytes")
+        for room, written in server.collect():
+            if written != (16 if room >= 16 else 0):
+                raise Broken(f"a cancelled SETLKW answered {written} bytes into {room}")
         if time.monotonic() > deadline:
             raise Broken("a cancelled SETLKW did not finish")
         time.sleep(0.001)
@@ -159,7 +160,7 @@ def one_input(data: bytes) -> None:
         for raw, cuts, sizes in requests:
             raw = _substitute(raw, nodeids, fhs)
             readable, writable = fuse_input.views(raw, cuts, sizes)
-            n = server.handle(readable, writable, token=len(nodeids))
+            n = server.handle(readable, writable, token=sum(map(len, writable)))
             _bugs.raise_any()
             if n is None:
                 continue  # a SETLKW waits: answered in _finish_deferred
