@@ -11,7 +11,17 @@ BENCH_ARGS ?=
 VIRTIOFSD ?= /usr/lib/qemu/virtiofsd
 BENCH_DAEMONS = vfsd:1 vfsd:2 vfsd:4 $(if $(wildcard $(VIRTIOFSD)),virtiofsd:0)
 
-.PHONY: bench bench-quick bench-compare
+# `make fuzz` runs each fuzz target (tests/fuzz/, docs/RELIABILITY.md) for FUZZ_SECONDS, one
+# after the other, at nice 19, growing .cache/fuzz/corpus/TARGET from the saved corpus;
+# crashes land in .cache/fuzz/crashes/. `make fuzz-merge` keeps what found new coverage in
+# tests/fuzz/corpus/. Knobs: FUZZ_SECONDS, FUZZ_TARGETS, FUZZ_ARGS (more libFuzzer flags).
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= $(shell PYTHONPATH=. $(PYTHON) -c \
+	'from tests.fuzz.__main__ import TARGETS; print(*TARGETS)')
+FUZZ_ARGS ?=
+FUZZ = nice -n 19 env PYTHONPATH=. $(PYTHON) -m tests.fuzz
+
+.PHONY: bench bench-quick bench-compare fuzz fuzz-merge
 
 bench:
 	@mkdir -p $(dir $(BENCH_OUT))
@@ -35,3 +45,21 @@ bench-compare:
 			--save .cache/compare/pass$$i.json $(BENCH_ARGS) > /dev/null || exit 1; \
 	done
 	$(PYTHON) -m vfsd.bench.summary $$(seq -f .cache/compare/pass%g.json $(PASSES))
+
+fuzz:
+	@mkdir -p .cache/fuzz/crashes
+	@for t in $(FUZZ_TARGETS); do \
+		mkdir -p .cache/fuzz/corpus/$$t; \
+		echo "== $$t ($(FUZZ_SECONDS) s)"; \
+		$(FUZZ) $$t -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=2048 \
+			-print_final_stats=1 -artifact_prefix=.cache/fuzz/crashes/$$t- $(FUZZ_ARGS) \
+			.cache/fuzz/corpus/$$t tests/fuzz/corpus/$$t > .cache/fuzz/$$t.log 2>&1 \
+			|| { tail -n 60 .cache/fuzz/$$t.log; exit 1; }; \
+		grep -E '^#[0-9]+[[:space:]]+DONE|^stat::(number_of_executed_units|average_exec_per_sec)' \
+			.cache/fuzz/$$t.log; \
+	done
+
+fuzz-merge:
+	@for t in $(FUZZ_TARGETS); do \
+		$(FUZZ) $$t -merge=1 tests/fuzz/corpus/$$t .cache/fuzz/corpus/$$t 2>&1 | tail -n 1; \
+	done

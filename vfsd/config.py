@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import re
+import reprlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +34,16 @@ class ConfigError(Exception):
     def __init__(self, *problems: str) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
+
+
+#: Nesting a settings file may use (it needs 2): PyYAML composes recursively, and a deeply
+#: nested file would otherwise end in RecursionError.
+MAX_DEPTH = 32
+_INT = re.compile(r"-?[0-9]{1,19}")  # an int as the command line spells it (ASCII digits)
+# Values in error messages are shortened: an alias bomb's repr would be gigabytes.
+_SHOW = reprlib.Repr()
+_SHOW.maxlevel, _SHOW.maxstring, _SHOW.maxother = 2, 80, 80
+_SHOW.maxlist = _SHOW.maxtuple = _SHOW.maxdict = _SHOW.maxset = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +69,10 @@ class Setting:
 
 def _between(low: int, high: int) -> Callable[[int], str | None]:
     return lambda v: None if low <= v <= high else f"must be between {low} and {high}"
+
+
+def _nonempty(v: str) -> str | None:
+    return None if v else "must not be empty"
 
 
 def _positive(v: int) -> str | None:
@@ -96,7 +112,8 @@ def _cpulist(v: str) -> str | None:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("shared_dir", str, None, "Host directory exported to the guest (required)."),
+    Setting("shared_dir", str, None, "Host directory exported to the guest (required).",
+            check=_nonempty),
     Setting("socket_path", str, None, "vhost-user Unix socket vfsd listens on (QEMU connects)."),
     Setting("socket_fd", int, None, "Already-listening socket fd inherited from the caller.",
             check=_between(0, (1 << 31) - 1)),  # a C int
@@ -251,14 +268,14 @@ def _word_value(setting: Setting, text: str) -> Any:
     if setting.switch is not None and text.lower() in _WORDS:
         on, off = setting.switch
         return on if _WORDS[text.lower()] else off
-    if setting.kind is int and text.lstrip("-").isdigit():
+    if setting.kind is int and _INT.fullmatch(text):
         return int(text)
     return None
 
 
 def _wrong_type(setting: Setting, value: Any) -> str:
     kind = "list" if setting.kind is tuple else setting.kind.__name__
-    reason = f"expected {kind}, got {value!r}"
+    reason = f"expected {kind}, got {_SHOW.repr(value)}"
     if isinstance(value, str) and setting.kind in (bool, int):
         # "false" would be true as a non-empty string: a trap, so never convert.
         reason += _QUOTED
@@ -272,7 +289,7 @@ def _not_a_choice(setting: Setting, value: str) -> str:
     reason = f"must be one of {', '.join(names)}"
     if setting.switch is not None:
         reason += " (or true, false)"
-    reason += f", got {value!r}"
+    reason += f", got {_SHOW.repr(value)}"
     if setting.switch is not None and value.lower() in _WORDS:
         return f"{reason}{_QUOTED}; write {str(_WORDS[value.lower()]).lower()} without quotes"
     return reason + did_you_mean(value, names)
@@ -305,7 +322,8 @@ def check_value(key: str, value: Any, where: str = "") -> Any:
         elif isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
             value = tuple(value)
         else:
-            raise ConfigError(f"{prefix}expected a string or a list of strings, got {value!r}")
+            raise ConfigError(f"{prefix}expected a string or a list of strings, "
+                              f"got {_SHOW.repr(value)}")
     if not isinstance(value, setting.kind) or (setting.kind is int and isinstance(value, bool)):
         raise ConfigError(f"{prefix}{_wrong_type(setting, value)}")
     if setting.choices and value not in setting.choices:
@@ -315,16 +333,41 @@ def check_value(key: str, value: Any, where: str = "") -> Any:
     return value
 
 
+def _compose(path: str) -> yaml.Node | None:
+    """The file's node tree, after checking on the parser's events that it nests at most
+    MAX_DEPTH levels and has no tags: settings are plain values, and PyYAML's constructors
+    fail in their own ways on a value that does not fit its tag (`!!int ''` IndexError,
+    `!!bool x` KeyError, ...); untagged values only get the tags their text matches."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text: {e}") from e
+    try:
+        depth = 0
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.NodeEvent) and getattr(event, "tag", None) not in (
+                    None, "!"):
+                raise ConfigError(f"{path}:{event.start_mark.line + 1}: YAML tags such as "
+                                  f"{event.tag!r} are not allowed in a settings file")
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise ConfigError(f"{path}:{event.start_mark.line + 1}: nested deeper "
+                                      f"than {MAX_DEPTH} levels")
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+        return yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from e
+
+
 def read_yaml(path: str) -> tuple[dict[str, Any], dict[str, int]]:
     """A YAML settings file's values and the line of each key. Raises ConfigError naming
     file, line, key and reason for every problem in the file, not only the first."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            root = yaml.compose(f)
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from e
+    root = _compose(path)
     if root is None:
         return {}, {}
     if not isinstance(root, yaml.MappingNode):
@@ -334,9 +377,12 @@ def read_yaml(path: str) -> tuple[dict[str, Any], dict[str, int]]:
     problems: list[str] = []
     loader = yaml.SafeLoader("")
     for key_node, value_node in root.value:
-        key = key_node.value
         line = key_node.start_mark.line + 1
         where = f"{path}:{line}: "
+        if not isinstance(key_node, yaml.ScalarNode):
+            problems.append(f"{where}a key must be a setting name, not a {key_node.id}")
+            continue
+        key = key_node.value
         if key in lines:
             problems.append(f"{where}{key}: set twice (first on line {lines[key]})")
             continue
@@ -345,8 +391,8 @@ def read_yaml(path: str) -> tuple[dict[str, Any], dict[str, int]]:
             values[key] = check_value(key, loader.construct_object(value_node, deep=True), where)
         except ConfigError as e:
             problems += e.problems
-        except yaml.YAMLError as e:  # e.g. an unhashable key inside a value
-            problems.append(f"{where}{key}: invalid YAML: {e}")
+        except (yaml.YAMLError, ValueError) as e:  # ValueError: a date such as 2024-13-01
+            problems.append(f"{where}{key}: invalid value: {e}")
     if problems:
         raise ConfigError(*problems)
     return values, lines

@@ -670,7 +670,7 @@ class FuseServer:
     def _read(self, h: tuple[int, ...], body: bytes, rd: Views, wr: Views) -> int:
         fh, offset, size, _, _, _, _ = abi.READ_IN.unpack_from(body)
         bufs = _slice(wr, _OUT_SIZE, size)
-        if bufs is None:
+        if bufs is None or (not size and _stream_len(wr) < _OUT_SIZE):
             raise OSError(errno.EIO, "READ buffer smaller than size")
         n = self.fs.read(h[3], fh, offset, bufs)
         self._put_header(wr, _OUT_SIZE + n, h[2])

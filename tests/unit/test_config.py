@@ -40,6 +40,20 @@ def test_shipped_yaml_documents_every_setting():
         ("- a\n- b\n", "top level must be a mapping"),
         ("cache: auto\ncache: never\n", "f.yaml:2: cache: set twice"),
         ("workers: [1\n", "invalid YAML"),
+        # Found by fuzzing (tests/fuzz/fuzz_config_yaml.py); each used to escape as another
+        # exception (or, for the alias bomb, to run out of memory building the message).
+        ("? [a, b]\n: 1\n", "f.yaml:1: a key must be a setting name, not a sequence"),
+        ("workers: !!int abc\n", "f.yaml:1: YAML tags such as 'tag:yaml.org,2002:int' are"),
+        ("workers: !!int ''\n", "f.yaml:1: YAML tags such as"),
+        ("readonly: !!bool x\n", "f.yaml:1: YAML tags such as"),
+        ("workers: !!python/object:os.system x\n", "f.yaml:1: YAML tags such as"),
+        ("cache: !custom [a]\n", "f.yaml:1: YAML tags such as '!custom'"),
+        ("workers: " + "9" * 5000 + "\n", "f.yaml:1: workers: invalid value: Exceeds"),
+        ("log_level: 2024-13-01\n", "f.yaml:1: log_level: invalid value: month must be"),
+        ("translate_uid: {<<: 1}\n", "f.yaml:1: translate_uid: invalid value: while"),
+        ("workers: " + "[" * 5000 + "]" * 5000 + "\n", "f.yaml:1: nested deeper than 32"),
+        ("workers: '\u00b2'\n", "f.yaml:1: workers: expected int, got '\u00b2'"),
+        ("shared_dir: ''\n", "f.yaml:1: shared_dir: must not be empty"),
     ],
 )
 def test_yaml_errors_name_file_line_key(tmp_path, monkeypatch, text, message):
@@ -155,6 +169,34 @@ def test_unknown_o_option_suggests_the_nearest(capsys):
     with pytest.raises(config.ConfigError, match=r"-o wrokers=2: unknown option \(did you mean "
                                                  r"'workers'\?\)"):
         cli.settings_from_args(["-o", "wrokers=2"])
+
+
+def test_alias_bomb_fails_with_a_short_message(tmp_path, monkeypatch):
+    # Found by fuzzing: 9 aliases per level share one list, so the value is small in memory
+    # but its repr grows 9x per level. At 12 levels the message never finished; at 7 it was
+    # 24 MB.
+    levels = ["&l0 [x, x, x, x, x, x, x, x, x]"] + [
+        f"&l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 7)]
+    monkeypatch.chdir(tmp_path)
+    Path("f.yaml").write_text(f"translate_uid: [{', '.join(levels)}]\n")
+    with pytest.raises(config.ConfigError, match="expected a string or a list of strings") as e:
+        config.load_yaml("f.yaml")
+    assert len(str(e.value)) < 1000
+
+
+def test_non_utf8_file_is_a_config_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("f.yaml").write_bytes(b"-\xdb- \n")  # found by fuzzing: was UnicodeDecodeError
+    with pytest.raises(config.ConfigError, match=r"f\.yaml: not UTF-8 text"):
+        config.load_yaml("f.yaml")
+
+
+@pytest.mark.parametrize("value", ["--5", "\u00b2", "1" * 5000])
+def test_int_strings_from_the_command_line(value):
+    # Found by fuzzing: these passed `lstrip("-").isdigit()` and then failed in int().
+    with pytest.raises(config.ConfigError, match="workers: expected int"):
+        config.from_text("workers", value)
+    assert config.from_text("workers", "-0") == 0
 
 
 def test_cli_overrides_yaml_and_o_options(tmp_path):

@@ -190,6 +190,9 @@ def test_negotiate_refuses(raw, err):
     with pytest.raises(InitError) as ei:
         negotiate(raw, OPTS)
     assert ei.value.errno_hint == err
+    # The supervisor answers `except OSError` with e.errno; an InitError that was not an
+    # OSError went past it and stopped the daemon (found by tests/daemon/test_hostile.py).
+    assert isinstance(ei.value, OSError) and ei.value.errno == err
 
 
 def test_session_round_trips_through_orjson():

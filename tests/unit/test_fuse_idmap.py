@@ -46,6 +46,10 @@ def test_forbid_guest():
         (["map:4294967295:0:2"], "range goes past 2^32"),
         (["map:0:4294967295:2"], "target range goes past 2^32"),
         (["map:4294967296:0:1"], "not a 32-bit id"),
+        # Found by fuzzing (tests/fuzz/fuzz_idmap.py): both used to escape as ValueError.
+        (["map:\u00b2:0:1"], "is not an id"),  # '²'.isdigit(), but int('²') fails
+        (["map:" + "9" * 5000 + ":0:1"], "not a 32-bit id"),  # beyond int()'s 4300 digits
+        (["map:" + "0" * 5000 + "7:0:4294967295"], "range goes past 2^32"),  # 7, not 5001 digits
         (["map:0:0:10", "guest:5:100:10"], "overlaps an earlier entry"),
         (["host:0:0:10", "map:100:5:1"], "overlaps an earlier entry"),
         (["forbid-guest:0:1000", "forbid-guest:999:2"], "overlaps"),

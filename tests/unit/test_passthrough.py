@@ -841,6 +841,20 @@ def test_xattrs(tmp_path):
         r.close()
 
 
+def test_setxattr_with_unknown_flags_is_einval(tmp_path):
+    # Found by fuzzing (tests/fuzz/fuzz_fuse_passthrough.py): flags >= 2^31 overflowed
+    # os.setxattr's C int, and the server's catch-all answered EIO with a traceback.
+    r = make_rig(tmp_path, xattr=True)
+    try:
+        n, _ = r.create(ROOT_ID, b"f")
+        for flags in (1 << 31, 0xFFFFFFFF, 4):
+            body = abi.SETXATTR_IN_EXT.pack(1, flags, 0, 0) + b"user.k\0v"
+            assert r.c.call(Opcode.SETXATTR, n, body).error == errno.EINVAL, flags
+        assert os.listxattr(r.host("f")) == []
+    finally:
+        r.close()
+
+
 # ----------------------------------------------------------------------------- workers
 def test_another_worker_reopens_inodes_by_handle(rig):
     n, fh = rig.create(ROOT_ID, b"shared")

@@ -61,9 +61,12 @@ class _Ranges:
 
 
 def _number(text: str, spec: str) -> int:
-    if not text.isdigit():
+    # ASCII only: str.isdigit() also accepts '²', which int() refuses.
+    if not (text.isascii() and text.isdigit()):
         raise IdMapError(f"{spec}: {text!r} is not an id")
-    value = int(text)
+    # Bounded before int(): Python refuses to convert strings of more than 4300 digits.
+    digits = text.lstrip("0") or "0"
+    value = int(digits) if len(digits) <= 10 else _ID_SPACE
     if value >= _ID_SPACE:
         raise IdMapError(f"{spec}: {value} is not a 32-bit id")
     return value

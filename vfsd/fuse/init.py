@@ -33,11 +33,12 @@ _BASE = (
 )
 
 
-class InitError(Exception):
-    """The kernel's INIT cannot be accepted; reply with `errno_hint`."""
+class InitError(OSError):
+    """The kernel's INIT cannot be accepted; reply with `errno_hint` (also `errno`: an
+    OSError, which is what the supervisor's INIT barrier turns into an error reply)."""
 
     def __init__(self, message: str, errno_hint: int = errno.EPROTO) -> None:
-        super().__init__(message)
+        super().__init__(errno_hint, message)
         self.errno_hint = errno_hint
 
 

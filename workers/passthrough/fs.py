@@ -75,6 +75,7 @@ _OFF_MAX = (1 << 63) - 1
 _PATH_MAX = 4096
 _XATTR_NAME_MAX = 255
 _XATTR_SIZE_MAX = 65536
+_XATTR_FLAGS = os.XATTR_CREATE | os.XATTR_REPLACE  # what setxattr(2) takes
 _FMT_TYPES = {stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK}
 
 
@@ -949,6 +950,8 @@ class PassthroughFs(FileSystem):
         host_name = self._host_xattr(name)
         if len(value) > _XATTR_SIZE_MAX:
             raise OSError(errno.E2BIG, "xattr value too large")
+        if flags & ~_XATTR_FLAGS:  # the u32 from the guest may not fit os.setxattr's C int
+            raise OSError(errno.EINVAL, "unknown setxattr flags")
         os.setxattr(path, host_name, value, flags)
         if xflags & abi.FUSE_SETXATTR_ACL_KILL_SGID and name == _ACL_ACCESS:
             # The caller may not keep sgid (not in the group, no CAP_FSETID): as the kernel
