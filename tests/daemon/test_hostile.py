@@ -249,8 +249,6 @@ class HostileGuest:
     def submit_request(self) -> None:
         queue, raw, writable, what = self.fuse_request()
         opcode = int.from_bytes(raw[4:8], "little") if len(raw) >= 8 else -1
-        if opcode == Opcode.READ and sum(writable) < _OUT:
-            writable = [_OUT]  # known bug S1 (docs/RELIABILITY.md): see the xfail test below
         if len(raw) >= 16:
             raw = raw[:8] + struct.pack("<Q", next(self.uniques)) + raw[16:]
         unique = int.from_bytes(raw[8:16], "little") if len(raw) >= 16 else -1
@@ -437,18 +435,13 @@ def test_a_broken_avail_index_pauses_the_queue_until_the_guest_resets_it(world, 
     assert "queue 1 broken" in daemon.log_path.read_text(), "the broken ring was not logged"
 
 
-# -- bugs in files this branch may not change: documented, strict ----------------------------
+# -- bugs the hostile front-end found (S1 in the worker, H2-H4 in the supervisor), fixed -----
 def _opened_file(fuse: FuseClient) -> tuple[int, int]:
     nodeid, _ = entry(fuse.lookup(1, b"file"))
     fh, _ = open_fh(fuse.open(nodeid))
     return nodeid, fh
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "S1, workers/server.py: _read writes the out header without checking the writable part "
-    "has room for it: a READ of size 0 with no writable buffer raises IndexError in "
-    "_put_header (a traceback in the log from the catch-all), and with fewer than 16 "
-    "writable bytes the used length says 16 bytes were written"))
 def test_read_of_size_zero_without_room_for_a_reply(world, tmp_path):
     export, _sibling = world
     daemon = Daemon(tmp_path, export, workers=1)
@@ -470,11 +463,6 @@ def test_read_of_size_zero_without_room_for_a_reply(world, tmp_path):
     clean_exit(daemon, "READ of size 0")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "H2, vfsd/supervisor.py: serve_init walks the whole chain with read_chain outside any "
-    "`except GuestProtocolError`: an INIT whose header is readable but whose writable "
-    "descriptor lies outside guest memory raises ChainError through the poll loop, and the "
-    "daemon exits with a traceback"))
 def test_init_with_a_broken_reply_buffer_is_dropped(world, tmp_path):
     export, _sibling = world
     daemon = Daemon(tmp_path, export, workers=1)
@@ -511,7 +499,7 @@ def _handshake_steps(client: VhostUserClient) -> list[Callable[[], object]]:
 
 
 def _fds(rng: random.Random) -> list[int]:
-    """Up to 8 eventfds or memfds (9 or more is bug H4, see the xfail test below)."""
+    """Up to 8 eventfds or memfds (9 or more: test_a_message_with_more_than_eight_fds)."""
     fds = []
     for _ in range(rng.choice([0, 0, 0, 1, 1, 2, 8])):
         if rng.random() < 0.5:
@@ -581,8 +569,8 @@ def test_random_vhost_user_messages_end_the_session_cleanly(world, tmp_path):
             with contextlib.suppress(OSError):
                 if rng.random() < 0.5:  # hang up inside a message
                     client.sock.send(encode_request(R.GET_FEATURES)[:rng.randrange(1, 12)])
-                # Hang up, but read every reply first: closing with replies on the way is
-                # bug H3 (see the xfail test below).
+                # Hang up after reading every reply (closing with replies on the way:
+                # test_a_front_end_that_hangs_up_without_reading_its_replies).
                 client.sock.shutdown(socket.SHUT_WR)
                 _drain(client.sock, until_eof=15)
         finally:
@@ -594,10 +582,6 @@ def test_random_vhost_user_messages_end_the_session_cleanly(world, tmp_path):
         clean_exit(daemon, f"seed {SEED}, session {session}, sent {sent}")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "H3, vfsd/supervisor.py: handle_vhost_message sends replies outside any error handling: "
-    "a front-end that hangs up before it has read its replies makes send() fail with "
-    "BrokenPipeError, which goes up through the poll loop (traceback, exit code 1)"))
 def test_a_front_end_that_hangs_up_without_reading_its_replies(world, tmp_path):
     export, _sibling = world
     daemon = Daemon(tmp_path, export, workers=1)
@@ -612,11 +596,6 @@ def test_a_front_end_that_hangs_up_without_reading_its_replies(world, tmp_path):
     clean_exit(daemon, "hang-up with unread replies")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "H4, vfsd/supervisor.py: recv_frame raises VhostUserProtocolError for a message that "
-    "carried more than 8 fds (MSG_CTRUNC; the frame was consumed), and handle_vhost_message "
-    "answers it with backend.reject(header, ...) where `header` was never assigned: "
-    "UnboundLocalError through the poll loop (traceback, exit code 1)"))
 def test_a_message_with_more_than_eight_fds(world, tmp_path):
     export, _sibling = world
     daemon = Daemon(tmp_path, export, workers=1)

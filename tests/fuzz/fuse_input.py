@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
-from collections import Counter
 from collections.abc import Callable, Iterator
 
 from tests.fuzz.harness import Broken, Reader, Writer
@@ -126,33 +124,9 @@ def check_answer(raw: bytes, writable: list[memoryview], n: int | None) -> None:
             raise Broken(f"opcode {opcode}: {n - _OUT} bytes for a {size}-byte request")
 
 
-#: Bugs found in workers/server.py, which this branch may not change (docs/RELIABILITY.md
-#: lists them): (exception type, innermost function) -> what it is. An exception matching
-#: one is counted, not reported as a crash, so a campaign can look for the next bug.
-KNOWN_SERVER_BUGS: dict[tuple[str, str], str] = {}  # S1 (READ of size 0 without room for
-# the out header) was fixed: tests/unit/test_fuzz_findings.py
-known_hits: Counter[str] = Counter()
-
-
-def _hit(bug: str) -> None:
-    """Count a known bug; log at powers of two (libFuzzer exits without Python's atexit)."""
-    known_hits[bug] += 1
-    if known_hits[bug] & (known_hits[bug] - 1) == 0:
-        print(f"known server bug {bug}: {known_hits[bug]} hits", file=sys.stderr)
-
-
-def _known(exc: BaseException) -> str | None:
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    where = tb.tb_frame.f_code.co_name if tb is not None else ""
-    return KNOWN_SERVER_BUGS.get((type(exc).__name__, where))
-
-
 class LoggedBugs(logging.Handler):
     """Collects the server's own-bug reports (`log.exception`: an exception it did not
-    expect, answered EIO by its catch-all): each one is a crash for the fuzzer, unless it
-    is a known bug (KNOWN_SERVER_BUGS)."""
+    expect, answered EIO by its catch-all): each one is a crash for the fuzzer."""
 
     def __init__(self) -> None:
         super().__init__(logging.ERROR)
@@ -160,10 +134,7 @@ class LoggedBugs(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.exc_info and record.exc_info[1] is not None:
-            if bug := _known(record.exc_info[1]):
-                _hit(bug)
-            else:
-                self.records.append(record)
+            self.records.append(record)
 
     def raise_any(self) -> None:
         if self.records:

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from tests.fuzz import (
-    fuse_input,
     fuzz_config_yaml,
     fuzz_desc_chain,
     fuzz_fuse_decode,
@@ -117,20 +116,6 @@ def test_fuse_passthrough_reports_changes_outside_the_export():
                           env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True,
                           text=True, timeout=60)
     assert "a directory next to the export changed" in proc.stderr
-
-
-def test_only_the_listed_server_bugs_are_known():
-    def _put_header() -> None:
-        raise IndexError("where S1 fails")
-
-    def elsewhere() -> None:
-        raise IndexError("a new bug")
-
-    for fn, known in ((_put_header, True), (elsewhere, False)):
-        try:
-            fn()
-        except IndexError as e:
-            assert (fuse_input._known(e) is not None) == known
 
 
 def test_xattrmap_reports_a_broken_round_trip(monkeypatch):

@@ -50,19 +50,28 @@ class Completion(SupervisorState):
         self.complete_now(vring, head, written, owner)
 
     def complete_now(self, vring: Vring, head: int, length: int, owner: int = 0) -> None:
-        """Return one chain the supervisor answered. On a request queue it goes through the
-        shared used-ring writer, so it cannot collide with a worker's completions."""
+        """Return one chain the supervisor answered (see `complete_heads`)."""
+        self.complete_heads(vring, [head], [length], owner)
+
+    def complete_heads(self, vring: Vring, heads: list[int], lengths: list[int],
+                       owner: int = 0) -> None:
+        """Return chains the supervisor answered. On a request queue they go through the
+        shared used-ring writer (workers write that ring too, so the supervisor's Vring
+        does not know used.idx); on the hiprio queue the supervisor is the only writer."""
         if not vring.mapped:
-            log.warning("dropping completion head=%d for unmapped queue %d", head, vring.index)
+            log.warning("dropping %d completions for unmapped queue %d", len(heads),
+                        vring.index)
             return
         writer = self.used.get(vring.index)
-        if writer is None:  # the hiprio queue: the supervisor is its only writer
-            vring.push_used(head, length)
+        if writer is None:
+            vring.push_used_batch(list(zip(heads, lengths, strict=True)))
             if vring.needs_notification():
                 vring.notify()
             return
-        if not writer.complete([head | length << 32], [head], owner):
-            log.warning("head=%d of queue %d was already answered", head, vring.index)
+        elems = [h | n << 32 for h, n in zip(heads, lengths, strict=True)]
+        if writer.complete(elems, heads, owner) != len(heads):
+            log.warning("queue %d: some of heads %s were already answered", vring.index,
+                        heads[:8])
 
     def drain_completions(self) -> None:
         """Read the workers' completion records: the requests they have returned to the

@@ -14,7 +14,7 @@ from vfsd.supervisor.wire import EDGE, HIPRIO
 from vfsd.transport import FramingError, GuestMemoryError, GuestProtocolError
 from vfsd.transport.backend import VhostUserBackend
 from vfsd.transport.codec import decode
-from vfsd.transport.connection import PeerClosed, recv_frame, send_message
+from vfsd.transport.connection import FdsTruncated, PeerClosed, recv_frame, send_message
 from vfsd.transport.memory import GuestMemory
 from vfsd.transport.virtqueue import Vring
 
@@ -43,6 +43,9 @@ class Device(SupervisorState):
         try:
             header, payload, fds = recv_frame(self.conn)
             message = decode(header, payload, fds)
+        except FdsTruncated as e:  # refused; the stream is still in sync
+            header = e.header
+            reply = self.backend.reject(header, str(e))
         except PeerClosed:
             log.info("front-end disconnected; exiting")
             self.running = False
@@ -57,7 +60,11 @@ class Device(SupervisorState):
         else:
             reply = self.backend.handle(message)
         if reply is not None:
-            send_message(self.conn, reply)
+            try:
+                send_message(self.conn, reply)
+            except OSError as e:  # hung up before reading its replies
+                log.info("front-end went away (%s); exiting", e.strerror or e)
+                self.running = False
 
     # VirtioFsDevice protocol (called by the backend)
     def memory_changed(self, mem: GuestMemory) -> None:

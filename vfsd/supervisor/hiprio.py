@@ -62,9 +62,7 @@ class Hiprio(SupervisorState):
             except (GuestProtocolError, struct.error) as e:
                 log.warning("dropping hiprio chain head=%d: %s", head, e)
             used.append((head, 0))
-        vring.push_used_batch(used)
-        if vring.needs_notification():
-            vring.notify()
+        self.complete_heads(vring, [h for h, _n in used], [n for _h, n in used])
         if freed:
             self.tell_forgotten(freed)
 

@@ -29,6 +29,15 @@ class PeerClosed(TransportError):
         self.partial = partial
 
 
+class FdsTruncated(VhostUserProtocolError):
+    """A message carried more fds than fit (MSG_CTRUNC). The frame was read whole, so the
+    stream is still in sync: `header` lets the caller refuse that one message."""
+
+    def __init__(self, header: bytes) -> None:
+        super().__init__(f"more than {MAX_FDS} fds on one message")
+        self.header = header
+
+
 def _collect_fds(ancdata: list[tuple[int, int, bytes]], fds: list[int]) -> None:
     for level, kind, data in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -39,7 +48,7 @@ def _collect_fds(ancdata: list[tuple[int, int, bytes]], fds: list[int]) -> None:
 
 def recv_frame(sock: socket.socket) -> tuple[bytes, bytes, list[int]]:
     """Read one frame: (header, payload, fds). Raises PeerClosed on EOF, FramingError on a bad
-    header, VhostUserProtocolError if fds were truncated (the frame itself was consumed)."""
+    header, FdsTruncated if fds were truncated (the frame itself was consumed)."""
     fds: list[int] = []
     header = bytearray()
     truncated = False
@@ -67,7 +76,7 @@ def recv_frame(sock: socket.socket) -> tuple[bytes, bytes, list[int]]:
                 raise PeerClosed("EOF inside a message payload", partial=True)
             got += n
         if truncated:
-            raise VhostUserProtocolError(f"more than {MAX_FDS} fds on one message")
+            raise FdsTruncated(bytes(header))
         return bytes(header), bytes(payload), fds
     except BaseException:
         close_fds(fds)
