@@ -6,6 +6,7 @@ are in flight, and a barrier (GET_VRING_BASE) that times out on a stuck worker.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -46,6 +47,21 @@ def used_lock_owner(daemon: Daemon, pid: int) -> int:
         return struct.unpack("<I", mem.read(4))[0]
 
 
+@contextlib.contextmanager
+def running(tmp_path, workers: int, **client_kw):
+    """A daemon on a fresh export with a connected, INITed client: (daemon, client, fuse)."""
+    export = tmp_path / "export"
+    export.mkdir()
+    with Daemon(tmp_path, export, workers=workers) as daemon:
+        client = connect(daemon, num_queues=2, **client_kw)
+        fuse = Session(daemon, client).fuse
+        assert fuse.init().error == 0
+        try:
+            yield daemon, client, fuse
+        finally:
+            client.close()
+
+
 def wait_for(predicate, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -57,12 +73,7 @@ def test_worker_killed_holding_the_used_ring_lock(tmp_path):
     """Under a pipelined GETATTR load, stop the worker until it is caught inside the used
     ring's critical section, SIGKILL it there: the supervisor repairs the lock, replays the
     requests it had not returned, and every request of the load is answered once, OK."""
-    export = tmp_path / "export"
-    export.mkdir()
-    with Daemon(tmp_path, export, workers=1) as daemon:
-        client = connect(daemon, num_queues=2, queue_size=256)
-        fuse = Session(daemon, client).fuse
-        assert fuse.init().error == 0
+    with running(tmp_path, 1, queue_size=256) as (daemon, _client, fuse):
         stop = threading.Event()
         failures: list[str] = []
         rounds = [0]
@@ -105,18 +116,12 @@ def test_worker_killed_holding_the_used_ring_lock(tmp_path):
             thread.join(30)
         assert not failures, failures
         assert fuse.getattr(1).error == 0
-        client.close()
 
 
 def test_call_fd_replaced_while_requests_are_in_flight(tmp_path):
     """SET_VRING_CALL with a new eventfd right after a burst was kicked: every completion of
     this and later bursts is signalled on the new fd (the old one is closed, as QEMU may)."""
-    export = tmp_path / "export"
-    export.mkdir()
-    with Daemon(tmp_path, export, workers=2) as daemon:
-        client = connect(daemon, num_queues=2)
-        fuse = Session(daemon, client).fuse
-        assert fuse.init().error == 0
+    with running(tmp_path, 2) as (_daemon, client, _fuse):
         def burst(replace: bool) -> None:
             for _ in range(16):
                 client.submit(QUEUE, [GETATTR[:IN_SIZE], GETATTR[IN_SIZE:]],
@@ -134,7 +139,6 @@ def test_call_fd_replaced_while_requests_are_in_flight(tmp_path):
         for _ in range(20):
             burst(replace=True)  # in flight while the fd changes
             burst(replace=False)  # after: only the new fd is signalled
-        client.close()
 
 
 def test_barrier_timeout_kills_the_stuck_worker_and_answers_once(tmp_path, monkeypatch):
@@ -142,12 +146,7 @@ def test_barrier_timeout_kills_the_stuck_worker_and_answers_once(tmp_path, monke
     VFSD_QUIESCE_TIMEOUT the supervisor kills it (a late write can no longer land), replays
     the GETATTR on its successor and answers the MKDIR EIO: each head comes back once."""
     monkeypatch.setenv("VFSD_QUIESCE_TIMEOUT", "1")
-    export = tmp_path / "export"
-    export.mkdir()
-    with Daemon(tmp_path, export, workers=1) as daemon:
-        client = connect(daemon, num_queues=2)
-        fuse = Session(daemon, client).fuse
-        assert fuse.init().error == 0
+    with running(tmp_path, 1) as (daemon, client, fuse):
         (pid,) = worker_pids(daemon)
         os.kill(pid, signal.SIGSTOP)
         try:
@@ -173,4 +172,3 @@ def test_barrier_timeout_kills_the_stuck_worker_and_answers_once(tmp_path, monke
         assert "killing it" in daemon.log() and "replayed 1 requests" in daemon.log()
         client.start_queue(QUEUE)
         assert fuse.getattr(1).error == 0
-        client.close()
